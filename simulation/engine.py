@@ -1,0 +1,195 @@
+"""The reference federation in one process: data split over clients, rounds, FedAvg, evaluation, the report.
+
+Everything later (the ONNX device runtime, the MQTT federation) is checked against this. Deterministic for a
+seed: client sampling uses numpy's generator seeded once, each client's batch order its own torch generator
+seeded from (seed, round, client).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.backbone import create_vit, preprocessing_of, resolve_model
+from export.split import SplitSpec, SplitViT
+from sfp_common.aggregate import fedavg
+from sfp_common.datasets import load_dataset
+from sfp_common.errors import ConfigError
+from sfp_common.partition import partition, split_local_test
+from sfp_common.preprocess import preprocess
+from sfp_common.pruning import check_keep_fraction
+from simulation.accounting import WIRE_DTYPES
+from simulation.counting import count_client_round
+from simulation.methods import (TRAFFIC_VARIANTS, ClientData, Method, TrainConfig, client_round, get_method,
+                                named_params)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    method: str = "sfprompt"
+    dataset: str = "mnist5k"
+    model: str = "models/vit-fmnist.pth"
+    clients: int = 10
+    rounds: int = 5
+    alpha: float | None = None             # Dirichlet label skew; None: IID
+    seed: int = 0
+    fraction: float = 1.0                  # clients sampled per round
+    test_fraction: float = 0.2             # each client's own local test split
+    spec: SplitSpec = field(default_factory=SplitSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    pretrained: bool = True                # False: random weights (tests, counting)
+    train_samples: int | None = None       # a seeded random subset of the training set (quick runs)
+
+    def check(self) -> None:
+        if self.clients < 1 or self.rounds < 1:
+            raise ConfigError(f"clients and rounds must be >= 1, got {self.clients} and {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"client fraction must be in (0, 1], got {self.fraction}")
+        check_keep_fraction(self.train.keep)
+        if self.train.traffic not in TRAFFIC_VARIANTS:
+            raise ConfigError(f"unknown traffic variant {self.train.traffic!r}; choose ours or paper")
+        if self.train.wire not in WIRE_DTYPES:
+            raise ConfigError(f"unknown wire dtype {self.train.wire!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ConfigError(f"train_samples must be >= 1, got {self.train_samples}")
+        if self.train.batch_size < 1 or self.train.lr <= 0:
+            raise ConfigError("batch size must be >= 1 and the learning rate > 0")
+
+
+def state_of(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
+    return {name: p.detach().numpy().copy() for name, p in params.items()}
+
+
+def load_state(params: dict[str, torch.nn.Parameter], state: dict[str, np.ndarray]) -> None:
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(torch.from_numpy(value))
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    if len(y) == 0:
+        return float("nan")
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(y), batch_size))
+    return correct / len(y)
+
+
+def client_seed(seed: int, round_index: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
+
+
+class Federation:
+    """The model, the clients' data and the global state; `run` does the rounds."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.method: Method = get_method(cfg.method)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        data = load_dataset(cfg.dataset)
+        train_set = data.train
+        if cfg.train_samples is not None and cfg.train_samples < len(train_set):
+            train_set = train_set.subset(np.sort(self.rng.choice(len(train_set), cfg.train_samples, replace=False)))
+        self.dataset_name = data.name
+        source = resolve_model(cfg.model)
+        self.source = source
+        self.model_label = source.label
+        vit = create_vit(source, num_classes=len(data.classes), pretrained=cfg.pretrained)
+        spec = cfg.spec if self.method.uses_prompts else SplitSpec(0, cfg.spec.head_blocks, cfg.spec.tail_blocks)
+        self.model = SplitViT(vit, spec)
+        self.model.set_trainable(self.method.client_parts + self.method.server_parts)
+        self.client_params = named_params(self.model, self.method.client_parts)
+        self.server_params = named_params(self.model, self.method.server_parts)
+
+        prep = preprocessing_of(vit)
+        x_train = torch.from_numpy(preprocess(train_set.images, prep))
+        y_train = torch.from_numpy(train_set.labels)
+        self.x_test = torch.from_numpy(preprocess(data.test.images, prep))
+        self.y_test = torch.from_numpy(data.test.labels)
+        shards = partition(train_set.labels, cfg.clients, cfg.alpha, self.rng)
+        self.num_classes = len(data.classes)
+        self._flops: dict[int, int] = {}
+        self.clients: list[ClientData] = []
+        for shard in shards:
+            train, test = split_local_test(shard, cfg.test_fraction, self.rng)
+            self.clients.append(ClientData(x_train[train], y_train[train], x_train[test], y_train[test]))
+
+    def client_flops(self, num_samples: int) -> int:
+        """A client's FLOPs for a round, counted by running its round on meta tensors (equal to a real round's
+        count, see tests/test_accounting.py) once per local sample count."""
+        if num_samples not in self._flops:
+            self._flops[num_samples] = count_client_round(
+                self.cfg.method, self.source, self.num_classes, self.model.spec, self.cfg.train, num_samples).flops
+        return self._flops[num_samples]
+
+    def sample_clients(self) -> list[int]:
+        count = max(1, round(self.cfg.fraction * self.cfg.clients))
+        return sorted(self.rng.choice(self.cfg.clients, size=count, replace=False).tolist())
+
+    def evaluate(self) -> tuple[float, float]:
+        """Central test accuracy, and the mean of the clients' local test accuracies, of the global model."""
+        self.model.eval()
+        central = accuracy(self.model, self.x_test, self.y_test)
+        local = [accuracy(self.model, c.x_test, c.y_test) for c in self.clients if len(c.y_test)]
+        self.model.train()
+        return central, float(np.mean(local)) if local else float("nan")
+
+    def run_round(self, round_index: int, progress: bool = False) -> dict:
+        start = time.time()
+        global_client = state_of(self.client_params)
+        global_server = state_of(self.server_params)
+        selected = self.sample_clients()
+        uploads, server_states, counts, meters, kept, losses = [], [], [], [], [], []
+        for client in tqdm(selected, desc=f"round {round_index}", leave=False, disable=not progress):
+            load_state(self.client_params, global_client)
+            load_state(self.server_params, global_server)
+            generator = torch.Generator().manual_seed(client_seed(self.cfg.seed, round_index, client))
+            result = client_round(self.model, self.method, self.cfg.train, self.clients[client], generator,
+                                  count_flops=False)
+            result.meter.flops = self.client_flops(self.clients[client].num_train)
+            uploads.append({name: t.numpy() for name, t in result.upload.items()})
+            server_states.append(state_of(self.server_params))
+            counts.append(result.num_samples)
+            meters.append(result.meter)
+            kept.append(result.kept)
+            losses.append(float(result.loss_sum) / max(1, result.kept))
+        load_state(self.client_params, fedavg(uploads, counts))
+        if self.server_params:
+            load_state(self.server_params, fedavg(server_states, counts))
+        central, local = self.evaluate()
+        return {
+            "round": round_index,
+            "accuracy": central,
+            "client_accuracy": local,
+            "bytes_up": float(np.mean([m.bytes_up for m in meters])),
+            "bytes_down": float(np.mean([m.bytes_down for m in meters])),
+            "client_flops": float(np.mean([m.flops for m in meters])),
+            "participants": selected,
+            "train_loss": float(np.mean(losses)),
+            "kept_samples": float(np.mean(kept)),
+            "seconds": round(time.time() - start, 3),
+        }
+
+    def run(self, on_round: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
+        rows = []
+        for r in range(1, self.cfg.rounds + 1):
+            rows.append(self.run_round(r, progress))
+            if on_round:
+                on_round(rows[-1])
+        return self.report(rows)
+
+    def report(self, rows: list[dict]) -> dict:
+        cfg = self.cfg
+        return {
+            "method": cfg.method, "model": self.model_label, "dataset": self.dataset_name,
+            "clients": cfg.clients, "seed": cfg.seed, "alpha": cfg.alpha, "fraction": cfg.fraction,
+            "split": asdict(self.model.spec), "train": asdict(cfg.train),
+            "samples_per_client": [c.num_train for c in self.clients],
+            "rounds": rows,
+        }
