@@ -69,10 +69,11 @@ def create_vit(source: ModelSource, num_classes: int, pretrained: bool = True) -
         kwargs["pretrained_cfg_overlay"] = overlay
     try:
         model = timm.create_model(source.architecture, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:
+    except Exception as err:  # a corrupt or foreign file fails deep in torch.load/unpickling, in any error type
         where = source.checkpoint or "the Hugging Face hub (offline? name a local checkpoint instead)"
+        detail = str(err).splitlines()[0] if str(err) else ""
         raise ConfigError(f"could not load weights for {source.architecture} from {where}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                          f"{type(err).__name__} {detail}".rstrip()) from None
     if pretrained:
         model.reset_classifier(num_classes)  # a new task gets a new classifier, even with the same class count
     return model
