@@ -94,13 +94,20 @@ def plot(reports: dict[str, dict], path: Path, title: str) -> None:
 @click.option("--wire", default="fp16")
 @click.option("--lr", type=float, default=None, help="One learning rate for all [default: each method's own].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"))
-def main(methods, dataset, model, clients, rounds, alpha, seed, prompts, keep, traffic, wire, lr, out) -> None:
+@click.option("--resume", is_flag=True, help="Reuse <out>/<method>.json where it exists (same settings assumed).")
+def main(methods, dataset, model, clients, rounds, alpha, seed, prompts, keep, traffic, wire, lr, out,
+         resume) -> None:
     """Compare federated methods on one task, printing each round as it finishes."""
 
     def job() -> None:
         out.mkdir(parents=True, exist_ok=True)
         reports = {}
         for name in methods.split(","):
+            done = out / f"{name}.json"
+            if resume and done.exists():
+                reports[name] = json.loads(done.read_text())
+                click.echo(f"{name}: reusing {done}")
+                continue
             cfg = SimConfig(method=name, dataset=dataset, model=model, clients=clients, rounds=rounds, alpha=alpha,
                             seed=seed, spec=SplitSpec(prompts),
                             train=train_config(name, lr, keep=keep, traffic=traffic, wire=wire))

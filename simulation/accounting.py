@@ -42,7 +42,8 @@ def encode(tensor: torch.Tensor, wire: str) -> list[torch.Tensor]:
         raise ConfigError(f"unknown wire dtype {wire!r}; choose one of {', '.join(WIRE_DTYPES)}")
     tensor = tensor.detach()
     if wire != "int8":
-        return [tensor.to(WIRE_DTYPES[wire])]
+        # Always a copy: what was sent must not change when the sender's tensor is later updated in place.
+        return [tensor.to(WIRE_DTYPES[wire], copy=True)]
     scale = tensor.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / 127.0
     return [torch.round(tensor / scale).clamp(-127, 127).to(torch.int8), scale]
 

@@ -41,6 +41,15 @@ def test_meter_counts_both_directions_and_returns_what_arrives():
     assert (meter.bytes_up, meter.bytes_down) == (60, 120)
 
 
+@pytest.mark.parametrize("wire", ["fp32", "fp16", "int8"])
+def test_what_was_sent_does_not_follow_the_senders_later_updates(wire):
+    t = torch.randn(4, 8)
+    received = ClientMeter().up(t, wire)
+    before = received.clone()
+    t.add_(1.0)
+    assert torch.equal(received, before)
+
+
 def test_flops_of_a_matmul_forward_and_backward():
     meter = ClientMeter()
     w = torch.randn(16, 8, requires_grad=True)

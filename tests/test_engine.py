@@ -40,7 +40,8 @@ def test_report_has_the_promised_fields(digits_checkpoint):
 
 
 def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
-    """Replay each client's round by hand from the global state; the engine's new global state is their FedAvg."""
+    """Replay each client's round from the global state, snapshotting the trained tensors (not the uploads): the
+    engine's new global state is their FedAvg, and differs from every single client's."""
     fed = Federation(config(digits_checkpoint, clients=3, fraction=1.0))
     start = state_of(fed.client_params)
     fed.run_round(1)
@@ -52,13 +53,15 @@ def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
     for c in range(3):
         load_state(replay.client_params, start)
         gen = torch.Generator().manual_seed(client_seed(7, 1, c))
-        result = client_round(replay.model, replay.method, replay.cfg.train, replay.clients[c], gen)
-        uploads.append({k: v.numpy() for k, v in result.upload.items()})
+        client_round(replay.model, replay.method, replay.cfg.train, replay.clients[c], gen)
+        uploads.append({k: p.detach().numpy().copy() for k, p in replay.client_params.items()})
         counts.append(replay.clients[c].num_train)
     expected = fedavg(uploads, counts)
     for name in after:
         np.testing.assert_allclose(after[name], expected[name], rtol=1e-6, atol=1e-7)
     assert any(not np.array_equal(after[n], start[n]) for n in after)
+    for upload in uploads:
+        assert any(not np.allclose(after[n], upload[n]) for n in after)
 
 
 def test_reported_bytes_are_the_shapes_that_crossed(digits_checkpoint):
@@ -103,3 +106,19 @@ def test_client_flops_order_matches_what_each_method_runs(digits_checkpoint):
         flops[name] = Federation(config(digits_checkpoint, method=name, rounds=1)).run()["rounds"][0]["client_flops"]
     assert flops["fl"] > flops["fedprompt"] > flops["sfprompt"] > 0
     assert flops["sfl"] < flops["fedprompt"]
+
+
+def test_splitfed_with_exact_traffic_is_federated_full_fine_tuning(digits_checkpoint):
+    """SplitFed V1 (per-client server bodies, averaged) computes what FL computes; with fp32 on the wire and the
+    full activations, the two federations must agree tensor for tensor."""
+    runs = {}
+    for name in ("fl", "sfl"):
+        fed = Federation(config(digits_checkpoint, method=name, rounds=2,
+                                train=TrainConfig(lr=1e-3, batch_size=16, epochs=1, traffic="paper", wire="fp32")))
+        report = fed.run()
+        runs[name] = ({**state_of(fed.client_params), **state_of(fed.server_params)},
+                      [r["accuracy"] for r in report["rounds"]])
+    (fl_state, fl_acc), (sfl_state, sfl_acc) = runs["fl"], runs["sfl"]
+    assert fl_acc == sfl_acc
+    for name, value in fl_state.items():
+        np.testing.assert_allclose(sfl_state[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
