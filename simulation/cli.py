@@ -77,8 +77,6 @@ def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fracti
     from simulation.engine import Federation, SimConfig
 
     def job() -> None:
-        if alpha is not None and not alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {alpha}")
         cfg = SimConfig(method=method, dataset=dataset, model=model, clients=clients, rounds=rounds, alpha=alpha,
                         seed=seed, fraction=fraction, spec=SplitSpec(prompts, head_blocks, tail_blocks),
                         train=train_config(method, lr, **train_kw), pretrained=not random_init,

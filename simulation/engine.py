@@ -47,6 +47,8 @@ class SimConfig:
     def check(self) -> None:
         if self.clients < 1 or self.rounds < 1:
             raise ConfigError(f"clients and rounds must be >= 1, got {self.clients} and {self.rounds}")
+        if self.alpha is not None and not 0.0 < self.alpha < float("inf"):
+            raise ConfigError(f"alpha must be > 0 (omit it for IID), got {self.alpha}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"client fraction must be in (0, 1], got {self.fraction}")
         check_keep_fraction(self.train.keep)
