@@ -21,7 +21,7 @@ $(BIN)/sfp-sim: setup.cfg pyproject.toml
 
 setup: system-packages $(BIN)/sfp-sim
 
-# The in-house backbone: a small ViT pretrained on Fashion-MNIST (about 6-10 minutes on 2 CPU cores).
+# The in-house backbone: a small ViT pretrained on Fashion-MNIST (about 8 minutes on 2 CPU cores).
 $(BACKBONE): | setup
 	$(BIN)/sfp-pretrain --out $@
 
