@@ -1,1 +1,1 @@
-"""Cut a timm ViT for SFPrompt, get its weights, and (later) export the client slice to ONNX."""
+"""Cut a timm ViT for SFPrompt and get its weights; (with issue 3) export the client slice to ONNX."""

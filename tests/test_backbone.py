@@ -6,7 +6,7 @@ import timm
 import torch
 
 from export.backbone import create_vit, preprocessing_of, resolve_model, sidecar_path
-from export.pretrain import random_shift
+from simulation.pretrain import random_shift
 from sfp_common.errors import ConfigError
 
 

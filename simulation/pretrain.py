@@ -1,6 +1,6 @@
 """Pretrain a small ViT on Fashion-MNIST and save it as a timm-loadable checkpoint.
 
-No pretrained ViT can be downloaded here, and prompt tuning on a random backbone proves nothing, so demos and
+Offline, no pretrained ViT can be downloaded, and prompt tuning on a random backbone proves nothing, so demos and
 benchmarks fine-tune this in-house backbone on another task (MNIST 5k). Deterministic for a seed.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export.backbone import create_vit, save_checkpoint, ModelSource
+from export.backbone import ModelSource, create_vit, save_checkpoint
 from sfp_common.datasets import load_dataset
 from sfp_common.preprocess import Preprocessing, preprocess
+from simulation.engine import accuracy
 
 ARCHITECTURE = "vit_tiny_patch16_224"
 # 28x28 grayscale, 16 patches of 7x7, width 128, 6 blocks: about a minute an epoch on a 2-core CPU.
@@ -34,15 +35,6 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     cols = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator) + torch.arange(w)
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                      for i in range(0, len(x), batch_size))
-    model.train()
-    return correct / len(x)
 
 
 def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None = None) -> float:
@@ -75,11 +67,13 @@ def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limi
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(idx)
-        accuracy = evaluate(model, x_test, y_test)
-        click.echo(f"epoch {epoch + 1}/{epochs}  loss {total / len(x):.4f}  test accuracy {accuracy:.4f}  "
+        model.eval()
+        test_accuracy = accuracy(model, x_test, y_test)
+        model.train()
+        click.echo(f"epoch {epoch + 1}/{epochs}  loss {total / len(x):.4f}  test accuracy {test_accuracy:.4f}  "
                    f"({time.time() - start:.0f} s)", err=True)
     save_checkpoint(model, out, ARCHITECTURE, SMALL_VIT_KWARGS, FASHION_MNIST_CFG)
-    return accuracy
+    return test_accuracy
 
 
 @click.command()
