@@ -73,11 +73,15 @@ def load_state(params: dict[str, torch.nn.Parameter], state: dict[str, np.ndarra
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy in eval mode; the model's training mode is restored afterwards."""
     if len(y) == 0:
         return float("nan")
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         correct = sum(int((model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(y), batch_size))
+    model.train(was_training)
     return correct / len(y)
 
 
@@ -136,10 +140,8 @@ class Federation:
 
     def evaluate(self) -> tuple[float, float]:
         """Central test accuracy, and the mean of the clients' local test accuracies, of the global model."""
-        self.model.eval()
         central = accuracy(self.model, self.x_test, self.y_test)
         local = [accuracy(self.model, c.x_test, c.y_test) for c in self.clients if len(c.y_test)]
-        self.model.train()
         return central, float(np.mean(local)) if local else float("nan")
 
     def run_round(self, round_index: int, progress: bool = False) -> dict:

@@ -67,9 +67,7 @@ def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limi
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(idx)
-        model.eval()
         test_accuracy = accuracy(model, x_test, y_test)
-        model.train()
         click.echo(f"epoch {epoch + 1}/{epochs}  loss {total / len(x):.4f}  test accuracy {test_accuracy:.4f}  "
                    f"({time.time() - start:.0f} s)", err=True)
     save_checkpoint(model, out, ARCHITECTURE, SMALL_VIT_KWARGS, FASHION_MNIST_CFG)
