@@ -80,8 +80,16 @@ def create_vit(source: ModelSource, num_classes: int, pretrained: bool = True) -
 
 
 def preprocessing_of(model: nn.Module) -> Preprocessing:
-    """The input pipeline the model expects, from its timm data config."""
-    return Preprocessing.from_timm_config(timm.data.resolve_data_config({}, model=model))
+    """The input pipeline the model expects: timm's data config, with the input size the model was built for
+    (a model created with another `img_size` or `in_chans` keeps its architecture's default config)."""
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        channels = patch_embed.proj.in_channels
+        cfg["input_size"] = (channels, *patch_embed.img_size)
+        if channels != len(cfg["mean"]) and len(cfg["mean"]) == 3 and channels == 1:
+            cfg["mean"], cfg["std"] = cfg["mean"][:1], cfg["std"][:1]
+    return Preprocessing.from_timm_config(cfg)
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, architecture: str, kwargs: dict[str, Any],

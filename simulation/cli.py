@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from export.backbone import resolve_model
+from export.cli import split_options
 from export.split import SplitSpec
 from sfp_common.cli import run_cli
 from sfp_common.errors import ConfigError
@@ -14,13 +15,6 @@ from simulation.accounting import WIRE_DTYPES
 from simulation.methods import METHODS, TRAFFIC_VARIANTS, TrainConfig, get_method
 
 DEFAULT_MODEL = "models/vit-fmnist.pth"
-
-
-def split_options(f):
-    f = click.option("--tail-blocks", default=0, show_default=True, help="Transformer blocks in the client tail.")(f)
-    f = click.option("--head-blocks", default=0, show_default=True, help="Transformer blocks in the client head.")(f)
-    f = click.option("--prompts", default=10, show_default=True, help="Learnable prompt tokens P.")(f)
-    return f
 
 
 def train_options(f):

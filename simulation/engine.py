@@ -1,8 +1,8 @@
 """The reference federation in one process: data split over clients, rounds, FedAvg, evaluation, the report.
 
 Everything later (the ONNX device runtime, the MQTT federation) is checked against this. Deterministic for a
-seed: client sampling uses numpy's generator seeded once, each client's batch order its own torch generator
-seeded from (seed, round, client).
+seed: client sampling uses numpy's generator seeded once, each client's batch order its own numpy generator
+seeded from (seed, round, client), the one a device seeds for the same round.
 """
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ class Federation:
         self.server_params = named_params(self.model, self.method.server_parts)
 
         prep = preprocessing_of(vit)
+        self.preprocessing = prep
         x_train = torch.from_numpy(preprocess(train_set.images, prep))
         y_train = torch.from_numpy(train_set.labels)
         self.x_test = torch.from_numpy(preprocess(data.test.images, prep))
@@ -153,8 +154,8 @@ class Federation:
         for client in tqdm(selected, desc=f"round {round_index}", leave=False, disable=not progress):
             load_state(self.client_params, global_client)
             load_state(self.server_params, global_server)
-            generator = torch.Generator().manual_seed(client_seed(self.cfg.seed, round_index, client))
-            result = client_round(self.model, self.method, self.cfg.train, self.clients[client], generator,
+            rng = np.random.default_rng(client_seed(self.cfg.seed, round_index, client))
+            result = client_round(self.model, self.method, self.cfg.train, self.clients[client], rng,
                                   count_flops=False)
             result.meter.flops = self.client_flops(self.clients[client].num_train)
             uploads.append({name: t.numpy() for name, t in result.upload.items()})

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from export.split import SplitViT
+from sfp_common.batching import batch_order
 from sfp_common.errors import ConfigError
 from sfp_common.pruning import el2n_scores, keep_count, select_hardest
 from simulation.accounting import ClientMeter
@@ -95,9 +96,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return list(order.split(batch_size))
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    return [torch.from_numpy(i) for i in batch_order(n, batch_size, rng)]
 
 
 def named_params(model: SplitViT, parts: tuple[str, ...]) -> dict[str, torch.nn.Parameter]:
@@ -171,7 +171,7 @@ def el2n_keep(model: SplitViT, data: ClientData, cfg: TrainConfig, meter: Client
 
 
 def client_round(model: SplitViT, method: Method, cfg: TrainConfig, data: ClientData,
-                 generator: torch.Generator, count_flops: bool = True) -> ClientResult:
+                 rng: np.random.Generator, count_flops: bool = True) -> ClientResult:
     """One client's whole round. `model` holds the global state; its trainable tensors cross the wire both ways."""
     meter = ClientMeter(count_flops=count_flops)
     client_params = named_params(model, method.client_parts)
@@ -187,17 +187,17 @@ def client_round(model: SplitViT, method: Method, cfg: TrainConfig, data: Client
     if not method.split:
         for _ in range(cfg.epochs):
             loss_sum = sum(local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model)
-                           for i in batches(data.num_train, cfg.batch_size, generator))
+                           for i in batches(data.num_train, cfg.batch_size, rng))
     else:
         if method.prune:
             kept = el2n_keep(model, data, cfg, meter)
         if method.local_update:
             for _ in range(cfg.local_loss_epochs):
-                for i in batches(data.num_train, cfg.batch_size, generator):
+                for i in batches(data.num_train, cfg.batch_size, rng):
                     local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model.forward_local)
         for _ in range(cfg.epochs):
             loss_sum = sum(split_step(model, method, cfg, data.x_train[kept[i]], data.y_train[kept[i]], meter,
                                       client_opt, server_opt)
-                           for i in batches(len(kept), cfg.batch_size, generator))
+                           for i in batches(len(kept), cfg.batch_size, rng))
     upload = {name: meter.up(param) for name, param in client_params.items()}
     return ClientResult(meter, upload, data.num_train, len(kept), loss_sum)

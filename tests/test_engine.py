@@ -52,7 +52,7 @@ def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
     from simulation.engine import client_seed, load_state
     for c in range(3):
         load_state(replay.client_params, start)
-        gen = torch.Generator().manual_seed(client_seed(7, 1, c))
+        gen = np.random.default_rng(client_seed(7, 1, c))
         client_round(replay.model, replay.method, replay.cfg.train, replay.clients[c], gen)
         uploads.append({k: p.detach().numpy().copy() for k, p in replay.client_params.items()})
         counts.append(replay.clients[c].num_train)

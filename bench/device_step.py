@@ -1,0 +1,179 @@
+"""On-device training cost: step time and peak memory of each backend against PyTorch doing the same step.
+
+For each model (ViT-Tiny/16 and ViT-B/16 at 224, random weights: the cost does not depend on them; 10 classes,
+10 prompts, no head or tail blocks, AdamW) a portable bundle is exported once, then every (runner, batch) pair
+runs in a fresh process with one thread, so its peak RSS is its own:
+- `pytorch`: the client slice in eager PyTorch (torch + timm loaded, as a device running PyTorch would);
+- `portable`: the bundle in plain onnxruntime, in a process that never imports torch.
+Two steps are timed, median of `--reps` after warm-up: the local-loss step, and the client's part of a split
+batch (smash + tail step + prompt update; the server's features and gradient are given).
+
+    python bench/device_step.py [--models vit_tiny_patch16_224,vit_base_patch16_224] [--batches 8,32]
+                                [--reps 20] [--out bench/results/device-step]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES, PROMPTS = 10, 10
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def inputs(batch: int, size: tuple[int, ...], tail_tokens: int, dim: int, grad_shape: tuple[int, ...]):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, *size)).astype(np.float32), rng.integers(0, CLASSES, batch),
+            rng.standard_normal((batch, tail_tokens, dim)).astype(np.float32),
+            (1e-3 * rng.standard_normal(grad_shape)).astype(np.float32))
+
+
+def worker_portable(bundle: Path, batch: int, reps: int) -> dict:
+    from edge_client.runtime import open_runtime
+    runtime = open_runtime(bundle, threads=1)
+    m = runtime.manifest
+    x, y, feats, grad = inputs(batch, m.preprocessing.input_size, m.tail_tokens, m.embed_dim, (m.prompts, m.embed_dim))
+
+    def split() -> None:
+        runtime.smash(x)
+        runtime.tail_step(feats, y, 1e-3)
+        runtime.prompt_step(grad, 1e-3)
+
+    result = {"local_ms": timed(lambda: runtime.local_step(x, y, 1e-3), reps), "split_ms": timed(split, reps)}
+    assert "torch" not in sys.modules
+    return {**result, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_pytorch(model_name: str, batch: int, reps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(1)
+    from export.backbone import ModelSource
+    from export.bundle import client_model
+    from export.split import SplitSpec
+    model, prep = client_model(ModelSource(model_name), CLASSES, SplitSpec(PROMPTS), pretrained=False)
+    model.set_trainable(("prompts", "tail"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    dim = model.head.prompts.shape[1]
+    x, y, feats, grad = inputs(batch, prep.input_size, 1, dim, (PROMPTS, dim))
+    x, y, feats, grad = map(torch.from_numpy, (x, y, feats, grad))
+
+    def local() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model.forward_local(x), y).backward()
+        opt.step()
+
+    def split() -> None:
+        opt.zero_grad()
+        with torch.no_grad():
+            model.head(x)                      # the smashed tokens sent to the server
+        F.cross_entropy(model.tail(feats), y).backward()
+        model.head.prompts.grad = grad
+        opt.step()
+
+    return {"local_ms": timed(local, reps), "split_ms": timed(split, reps), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export(model_name: str, folder: Path) -> Path:
+    bundle = folder / f"bundle-{model_name}"
+    if not (bundle / "manifest.json").is_file():
+        print(f"exporting {model_name} (checked against PyTorch)...", flush=True)
+        subprocess.run([sys.executable, "-m", "export.cli", "bundle", "--model", model_name, "--classes",
+                        str(CLASSES), "--prompts", str(PROMPTS), "--random-init", "--out", str(bundle)],
+                       check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                                  "PYTHONPATH": str(ROOT)})
+    return bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="vit_tiny_patch16_224,vit_base_patch16_224")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "device-step")
+    ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        kind, target, batch, reps = a.worker
+        fn = worker_portable if kind == "portable" else worker_pytorch
+        print(json.dumps(fn(Path(target) if kind == "portable" else target, int(batch), int(reps))))
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model_name in a.models.split(","):
+        bundle = export(model_name, ROOT / "runs" / "device-step-bundles")
+        size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+        for batch in map(int, a.batches.split(",")):
+            ref = run_worker(["pytorch", model_name, str(batch), str(a.reps)])
+            port = run_worker(["portable", str(bundle), str(batch), str(a.reps)])
+            row = {"model": model_name, "batch": batch, "bundle_mb": round(size / 1e6, 2),
+                   "pytorch": ref, "portable": port,
+                   "local_time_ratio": port["local_ms"] / ref["local_ms"],
+                   "split_time_ratio": port["split_ms"] / ref["split_ms"],
+                   "rss_ratio": port["peak_rss_mb"] / ref["peak_rss_mb"]}
+            rows.append(row)
+            print(f"{model_name} B={batch}: local {ref['local_ms']:.1f} -> {port['local_ms']:.1f} ms, split "
+                  f"{ref['split_ms']:.1f} -> {port['split_ms']:.1f} ms, RSS {ref['peak_rss_mb']:.0f} -> "
+                  f"{port['peak_rss_mb']:.0f} MB", flush=True)
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python":
+               platform.python_version(), "threads": 1, "command": " ".join(["python", "bench/device_step.py",
+                                                                             *sys.argv[1:]])}
+    (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, one thread per "
+             f"process. Command: `{machine['command']}`. Portable = plain onnxruntime, no torch in the process.",
+             "", "| model | batch | PyTorch local ms | portable local ms | ratio | PyTorch split ms | portable split ms "
+             "| ratio | PyTorch peak RSS MB | portable peak RSS MB | ratio | bundle MB |", "|" + "---|" * 12]
+    header = 3
+    for r in rows:
+        p, o = r["pytorch"], r["portable"]
+        lines.append(f"| {r['model']} | {r['batch']} | {p['local_ms']:.1f} | {o['local_ms']:.1f} | "
+                     f"{r['local_time_ratio']:.2f} | {p['split_ms']:.1f} | {o['split_ms']:.1f} | "
+                     f"{r['split_time_ratio']:.2f} | {p['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | "
+                     f"{r['rss_ratio']:.2f} | {r['bundle_mb']} |")
+    (a.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[header:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The `portable` backend: standard-ONNX train-step graphs run by the plain `onnxruntime` package.
+
+Runs wherever onnxruntime has a wheel (x86, Raspberry Pi, Jetson). Every graph takes the trainables and optimizer
+state as inputs and returns their new values, so this class only keeps a dict of arrays keyed by the graphs'
+input names and feeds each graph what it asks for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_client.runtime import ClientRuntime, TailStep, check_batch
+from sfp_common.bundle import NEW, BundleError, Manifest, param_key
+
+
+class PortableRuntime(ClientRuntime):
+    def __init__(self, folder: str | Path, manifest: Manifest, threads: int = 1,
+                 providers: list[str] | None = None) -> None:
+        super().__init__(folder, manifest, threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for role, name in manifest.graphs.items():
+            try:
+                self.sessions[role] = ort.InferenceSession(str(self.folder / name), options, providers=providers)
+            except Exception as err:   # onnxruntime raises its own exception types for unreadable graphs
+                raise BundleError(f"graph {role} ({name}) cannot be loaded by onnxruntime: {err}") from None
+        self.values: dict[str, np.ndarray] = {}     # param.*, state.*.*, step: the graphs' own input names
+
+    def _run(self, role: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        session = self.sessions[role]
+        inputs = {}
+        for arg in session.get_inputs():
+            inputs[arg.name] = feeds[arg.name] if arg.name in feeds else self.values[arg.name]
+        names = [o.name for o in session.get_outputs()]
+        result = dict(zip(names, session.run(names, inputs)))
+        for name, value in result.items():
+            if name.startswith(NEW) and name != "new.step":
+                self.values[name[len(NEW):]] = value
+        return result
+
+    @staticmethod
+    def _scalar(value: float) -> np.ndarray:
+        return np.array(value, dtype=np.float32)
+
+    def _labels(self, labels: np.ndarray, batch: int) -> np.ndarray:
+        labels = np.asarray(labels)
+        if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+            raise BundleError(f"labels must be {batch} integers, got {labels.dtype}{list(labels.shape)}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.manifest.num_classes):
+            raise BundleError(f"labels must be in [0, {self.manifest.num_classes}), got {labels.min()}..{labels.max()}")
+        return labels.astype(np.int64)
+
+    def _features(self, features: np.ndarray) -> np.ndarray:
+        m = self.manifest
+        expected = (m.tail_tokens, m.embed_dim)
+        if features.ndim != 3 or tuple(features.shape[1:]) != expected or len(features) == 0:
+            raise BundleError(f"features must be [B, {expected[0]}, {expected[1]}], got {list(features.shape)}")
+        return np.ascontiguousarray(features, dtype=np.float32)
+
+    def smash(self, images: np.ndarray) -> np.ndarray:
+        return self._run("front", images=check_batch(images, self.manifest))["tokens"]
+
+    def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+        features = self._features(features)
+        out = self._run("tail_step", features=features, labels=self._labels(labels, len(features)),
+                        lr=self._scalar(lr))
+        return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
+
+    def prompt_step(self, server_grad: np.ndarray, lr: float, images: np.ndarray | None = None) -> None:
+        m = self.manifest
+        grad = np.ascontiguousarray(server_grad, dtype=np.float32)
+        if m.prompt_gradient_only:
+            if grad.shape != (m.prompts, m.embed_dim):
+                raise BundleError(f"prompt gradient must be [{m.prompts}, {m.embed_dim}], got {list(grad.shape)}")
+            out = self._run("prompt_step", prompt_grad=grad, lr=self._scalar(lr))
+        else:
+            if images is None:
+                raise BundleError("with head blocks the prompt update needs the batch's images again")
+            images = check_batch(images, m)
+            if grad.shape != (len(images), m.num_tokens, m.embed_dim):
+                raise BundleError(f"token gradient must be [{len(images)}, {m.num_tokens}, {m.embed_dim}], "
+                                  f"got {list(grad.shape)}")
+            out = self._run("prompt_step", images=images, upstream=grad, lr=self._scalar(lr))
+        self.values["step"] = out["new.step"]
+
+    def local_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        images = check_batch(images, self.manifest)
+        out = self._run("local_step", images=images, labels=self._labels(labels, len(images)), lr=self._scalar(lr))
+        self.values["step"] = out["new.step"]
+        return float(out["loss"]), out["logits"]
+
+    def local_logits(self, images: np.ndarray) -> np.ndarray:
+        return self._run("local_logits", images=check_batch(images, self.manifest))["logits"]
+
+    def tail_logits(self, features: np.ndarray) -> np.ndarray:
+        return self._run("tail_logits", features=self._features(features))["logits"]
+
+    def trainables(self) -> dict[str, np.ndarray]:
+        return {t.name: self.values[param_key(t.name)].copy() for t in self.manifest.trainables}
+
+    def _set_trainables(self, tensors: dict[str, np.ndarray]) -> None:
+        self.values.update({param_key(name): value for name, value in tensors.items()})
+
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], int]:
+        state = {k: v.copy() for k, v in self.values.items() if k.startswith("state.")}
+        return state, int(self.values["step"])
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None:
+        self._check_state(state)
+        self.values.update({k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()})
+        self.values["step"] = np.array(float(step), dtype=np.float32)

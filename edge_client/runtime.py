@@ -1,0 +1,149 @@
+"""What a device can do with its bundle, whichever backend trains it: one interface, two implementations.
+
+A split batch is three calls: `smash` (images -> tokens for the server), `tail_step` (the server's features ->
+loss, logits, the gradient the server needs, and the tail updated), `prompt_step` (the server's gradient -> the
+prompts updated). `local_step` is SFPrompt's local-loss update (body skipped); `local_logits` feeds EL2N
+pruning; `tail_logits` evaluates. Trainables and optimizer state go in and out as named numpy arrays, keyed as the
+bundle names them, so FedAvg, checkpoints and the exporter's check all see the same tensors.
+
+The optimizer's step counter advances once per `local_step` and once per split batch (in `prompt_step`): a
+split batch updates prompts and tail with one shared step, as one torch optimizer over both would.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sfp_common.bundle import BundleError, Manifest, check_trainables, load_trainables, read_bundle, state_key
+from sfp_common.pruning import el2n_scores
+
+STATE_FILE_KEYS = ("trainables", "optimizer", "step")
+
+
+@dataclass(frozen=True)
+class TailStep:
+    loss: float
+    logits: np.ndarray
+    dfeatures: np.ndarray      # dL/dfeatures: what goes back up to the server
+
+
+class ClientRuntime(ABC):
+    """The client slice of one bundle, loaded and checked; subclasses run it on one backend."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest, threads: int = 1) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.threads = threads
+
+    # --------------------------------------------------------------------- backend operations
+    @abstractmethod
+    def smash(self, images: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep: ...
+
+    @abstractmethod
+    def prompt_step(self, server_grad: np.ndarray, lr: float, images: np.ndarray | None = None) -> None:
+        """Head blocks = 0: `server_grad` is dL/dprompts [P, D]. Otherwise dL/dtokens, and the images again."""
+
+    @abstractmethod
+    def local_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]: ...
+
+    @abstractmethod
+    def local_logits(self, images: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def tail_logits(self, features: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def trainables(self) -> dict[str, np.ndarray]:
+        """Copies of the current prompts and tail."""
+
+    @abstractmethod
+    def _set_trainables(self, tensors: dict[str, np.ndarray]) -> None: ...
+
+    @abstractmethod
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], int]:
+        """Optimizer state keyed `state.<slot>.<name>`, and the step counter."""
+
+    @abstractmethod
+    def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None: ...
+
+    # --------------------------------------------------------------------- shared behaviour
+    def load_trainables(self, tensors: dict[str, np.ndarray]) -> None:
+        """Replace prompts and tail (the global state from the server), after checking names, shapes, values."""
+        check_trainables(self.manifest, tensors, "received trainables")
+        self._set_trainables({k: np.array(v, dtype=np.float32, copy=True) for k, v in tensors.items()})
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer: every round starts from zero state, as the reference federation's does."""
+        zeros = {state_key(slot, t.name): np.zeros(t.shape, np.float32)
+                 for slot in self.manifest.optimizer.slots for t in self.manifest.trainables}
+        self.load_optimizer_state(zeros, 0)
+
+    def el2n(self, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+        """EL2N scores of local samples through the local path, in the batches the reference uses."""
+        logits = np.concatenate([self.local_logits(images[i:i + batch_size])
+                                 for i in range(0, len(images), batch_size)])
+        return el2n_scores(logits, labels)
+
+    def save_state(self, path: str | Path) -> None:
+        """Trainables, optimizer state and step in one .npz, written atomically (a crash leaves the old file)."""
+        state, step = self.optimizer_state()
+        arrays = {f"trainables/{k}": v for k, v in self.trainables().items()}
+        arrays.update({f"optimizer/{k}": v for k, v in state.items()})
+        arrays["step"] = np.array(step, np.int64)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)
+
+    def load_state(self, path: str | Path) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError) as err:
+            raise BundleError(f"device state {path} cannot be read: {err}") from None
+        trainables = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("trainables/")}
+        state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+        if "step" not in arrays:
+            raise BundleError(f"device state {path} has no step counter")
+        self.load_trainables(trainables)
+        self.load_optimizer_state(state, int(arrays["step"]))
+
+    def _check_state(self, state: dict[str, np.ndarray]) -> None:
+        expected = {state_key(slot, t.name): t.shape
+                    for slot in self.manifest.optimizer.slots for t in self.manifest.trainables}
+        if set(state) != set(expected):
+            raise BundleError(f"optimizer state does not match the bundle: expected {sorted(expected)}, "
+                              f"got {sorted(state)}")
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise BundleError(f"optimizer state {key} has shape {list(state[key].shape)}, expected {list(shape)}")
+
+
+def check_batch(images: np.ndarray, manifest: Manifest, what: str = "images") -> np.ndarray:
+    """A float32 NCHW batch of the bundle's input size, or a clear error (ONNX Runtime's is not)."""
+    expected = tuple(manifest.preprocessing.input_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
+        raise BundleError(f"{what} must be a non-empty batch of shape [B, {', '.join(map(str, expected))}], "
+                          f"got {list(images.shape)}")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def open_runtime(folder: str | Path, threads: int = 1, providers: list[str] | None = None) -> ClientRuntime:
+    """Check the bundle, then load it on the backend its manifest names, with its initial trainables."""
+    manifest = read_bundle(folder)
+    if manifest.backend == "portable":
+        from edge_client.portable import PortableRuntime
+        runtime: ClientRuntime = PortableRuntime(folder, manifest, threads, providers)
+    else:
+        from edge_client.ort_training import TrainingRuntime
+        runtime = TrainingRuntime(folder, manifest, threads)
+    runtime.load_trainables(load_trainables(folder, manifest))
+    runtime.reset_optimizer()
+    return runtime

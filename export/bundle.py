@@ -1,0 +1,91 @@
+"""Writing a client bundle: cut the model, export the client's graphs, check them against PyTorch, then publish.
+
+The bundle is built in a temporary folder next to its destination and renamed into place only after the device
+runtime has run every graph and agreed with PyTorch (`export/verify.py`), so a bundle that exists is one that
+passed; a failed check leaves nothing behind.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edge_client.runtime import open_runtime
+from export.backbone import ModelSource, create_vit, preprocessing_of
+from export.onnx_graphs import OPSET, build_portable_graphs
+from export.split import SplitSpec, SplitViT
+from export.verify import ParityReport, check_or_refuse, verify_bundle
+from sfp_common.bundle import (BACKENDS, TRAINABLES, Manifest, OptimizerSpec, TensorSpec,
+                               write_manifest)
+from sfp_common.errors import ConfigError
+from sfp_common.preprocess import Preprocessing
+
+
+def client_model(source: ModelSource, num_classes: int, spec: SplitSpec, img_size: int | None = None,
+                 pretrained: bool = True, seed: int = 0) -> tuple[SplitViT, Preprocessing]:
+    """The SplitViT a bundle is cut from, and its input pipeline; the same seed gives the same prompts and
+    classifier."""
+    if img_size is not None:
+        source = replace(source, kwargs={**source.kwargs, "img_size": img_size})
+    torch.manual_seed(seed)
+    vit = create_vit(source, num_classes=num_classes, pretrained=pretrained).eval()
+    return SplitViT(vit, spec), preprocessing_of(vit)
+
+
+def manifest_for(model: SplitViT, preprocessing: Preprocessing, model_id: str, optimizer: OptimizerSpec,
+                 backend: str, graphs: dict[str, str]) -> Manifest:
+    with torch.no_grad():
+        probe = torch.zeros(1, *preprocessing.input_size)
+        num_tokens = model.head(probe).shape[1]
+    tail_tokens = len(range(num_tokens)[model.tail.pooled_positions(num_tokens)])
+    params = dict(model.named_parameters())
+    trainables = tuple(TensorSpec(name, tuple(params[name].shape), "float32",
+                                  "prompts" if name == "head.prompts" else "tail")
+                       for name in model.trainable_names(("prompts", "tail")))
+    return Manifest(
+        backend=backend, model_id=model_id, num_classes=model.tail.head.out_features,
+        embed_dim=model.head.prompts.shape[1], prompts=model.spec.prompts, head_blocks=model.spec.head_blocks,
+        tail_blocks=model.spec.tail_blocks, num_prefix_tokens=model.head.num_prefix_tokens, num_tokens=num_tokens,
+        tail_tokens=tail_tokens, preprocessing=preprocessing, optimizer=optimizer, opset=OPSET,
+        trainables=trainables, graphs=graphs)
+
+
+def export_bundle(model: SplitViT, preprocessing: Preprocessing, out: str | Path, model_id: str,
+                  optimizer: OptimizerSpec,
+                  backend: str = "portable", batch_sizes: tuple[int, ...] = (1, 3, 8),
+                  progress: Callable[[str], None] = lambda message: None) -> tuple[Manifest, ParityReport]:
+    """Export, verify and publish a bundle at `out`; raises BundleError (writing nothing) if a check fails."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "portable":
+        raise ConfigError("the 'training' backend (onnxruntime-training artifacts) is not built yet; use portable")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder for the bundle")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        graphs = build_portable_graphs(model, optimizer, staging, progress)
+        manifest = manifest_for(model, preprocessing, model_id, optimizer, backend, graphs)
+        params = dict(model.named_parameters())
+        trainables = {t.name: params[t.name].detach().numpy().astype(np.float32) for t in manifest.trainables}
+        np.savez(staging / TRAINABLES, **trainables)
+        write_manifest(staging, manifest)
+        progress(f"checking every graph against PyTorch at batch sizes {', '.join(map(str, batch_sizes))}")
+        report = verify_bundle(model, open_runtime(staging), batch_sizes=batch_sizes)
+        check_or_refuse(report, f"the {backend} bundle for {model_id}")
+        manifest = write_manifest(staging, replace(manifest, verification={
+            **report.as_dict(), "export_seconds": round(time.perf_counter() - start, 1)}))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+        return manifest, report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""`sfp-export bundle`: cut a model and write the client bundle a device trains with."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sfp_common.cli import run_cli
+
+
+def split_options(f):
+    f = click.option("--tail-blocks", default=0, show_default=True, help="Transformer blocks in the client tail.")(f)
+    f = click.option("--head-blocks", default=0, show_default=True, help="Transformer blocks in the client head.")(f)
+    f = click.option("--prompts", default=10, show_default=True, help="Learnable prompt tokens P.")(f)
+    return f
+
+
+@click.group()
+def main() -> None:
+    """Export the device side of a split ViT."""
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--model", required=True, help="A timm model name or a checkpoint file (see sfp-pretrain).")
+@click.option("--classes", type=int, required=True, help="Classes of the federated task (a new classifier).")
+@split_options
+@click.option("--img-size", type=int, default=None, help="Input size, if not the model's own.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
+@click.option("--backend", type=click.Choice(["portable", "training"]), default="portable",
+              help="portable: standard-ONNX train steps for plain onnxruntime; training: onnxruntime-training.")
+@click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")
+@click.option("--seed", default=0, help="Seeds the prompts and the new classifier.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def bundle(model, classes, prompts, head_blocks, tail_blocks, img_size, optimizer, weight_decay, momentum, backend,
+           random_init, seed, out) -> None:
+    """Write a client bundle, after checking every graph against PyTorch (nothing is written if one disagrees)."""
+    from export.backbone import resolve_model
+    from export.bundle import client_model, export_bundle
+    from export.split import SplitSpec
+    from sfp_common.bundle import OptimizerSpec
+
+    def job() -> None:
+        source = resolve_model(model)
+        split, prep = client_model(source, classes, SplitSpec(prompts, head_blocks, tail_blocks), img_size,
+                                   pretrained=not random_init, seed=seed)
+        opt = OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum)
+        manifest, report = export_bundle(split, prep, out, source.label, opt, backend,
+                                         progress=lambda message: click.echo(message, err=True))
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        click.echo(f"bundle written to {out}: {backend}, {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "
+                   f"export {manifest.verification['export_seconds']} s")
+        click.echo("checked against PyTorch (max error / limit):")
+        for key, error in sorted(report.errors.items()):
+            click.echo(f"  {key:<32} {error:9.2e} / {report.limits[key]:.0e}")
+
+    run_cli(job)
+
+
+if __name__ == "__main__":
+    main()
