@@ -47,14 +47,14 @@ count: setup
 bench-device: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py
 
-$(EDGE_VENV)/bin/python: setup.cfg pyproject.toml
+$(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_VENV)
 	$(EDGE_VENV)/bin/pip install -q -e '.[edge]' pytest
 	touch $@
 
 # Bundles are exported and the PyTorch reference steps recorded in the main environment; the device tests then
 # run against them in the torch-free one (and in the main one too).
-test: setup $(EDGE_VENV)/bin/python
+test: setup $(EDGE_VENV)/installed
 	rm -rf $(EDGE_FIXTURES)
 	OMP_NUM_THREADS=1 $(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)
 	SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(BIN)/python -m pytest -q

@@ -85,6 +85,7 @@ def export_bundle(model: SplitViT, preprocessing: Preprocessing, out: str | Path
             **report.as_dict(), "export_seconds": round(time.perf_counter() - start, 1)}))
         if out.exists():
             out.rmdir()
+        staging.chmod(0o755)   # mkdtemp makes it private; a bundle is meant to be read and served
         staging.rename(out)
         return manifest, report
     finally:
