@@ -12,7 +12,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_client.runtime import ClientRuntime, TailStep, check_batch
-from sfp_common.bundle import NEW, BundleError, Manifest, param_key
+from sfp_common.bundle import NEW, BundleError, Manifest, param_key, state_key
+
+BATCH_INPUTS = ("images", "labels", "features", "upstream", "prompt_grad", "step", "lr")
 
 
 class PortableRuntime(ClientRuntime):
@@ -30,6 +32,18 @@ class PortableRuntime(ClientRuntime):
             except Exception as err:   # onnxruntime raises its own exception types for unreadable graphs
                 raise BundleError(f"graph {role} ({name}) cannot be loaded by onnxruntime: {err}") from None
         self.values: dict[str, np.ndarray] = {}     # param.*, state.*.*, step: the graphs' own input names
+        self._check_graph_inputs()
+
+    def _check_graph_inputs(self) -> None:
+        """Every graph input is a batch input or a tensor the manifest declares: a mismatched bundle fails here,
+        not with a KeyError in the middle of a round."""
+        names = [t.name for t in self.manifest.trainables]
+        known = set(BATCH_INPUTS) | {param_key(n) for n in names} | {
+            state_key(slot, n) for slot in self.manifest.optimizer.slots for n in names}
+        for role, session in self.sessions.items():
+            unknown = [arg.name for arg in session.get_inputs() if arg.name not in known]
+            if unknown:
+                raise BundleError(f"graph {role} takes inputs the manifest does not declare: {unknown}")
 
     def _run(self, role: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         session = self.sessions[role]

@@ -112,6 +112,8 @@ class ClientRuntime(ABC):
         state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
         if "step" not in arrays:
             raise BundleError(f"device state {path} has no step counter")
+        check_trainables(self.manifest, trainables, f"device state {path}")
+        self._check_state(state)     # both checked before either is loaded: nothing is half-restored
         self.load_trainables(trainables)
         self.load_optimizer_state(state, int(arrays["step"]))
 
@@ -137,13 +139,9 @@ def check_batch(images: np.ndarray, manifest: Manifest, what: str = "images") ->
 
 def open_runtime(folder: str | Path, threads: int = 1, providers: list[str] | None = None) -> ClientRuntime:
     """Check the bundle, then load it on the backend its manifest names, with its initial trainables."""
-    manifest = read_bundle(folder)
-    if manifest.backend == "portable":
-        from edge_client.portable import PortableRuntime
-        runtime: ClientRuntime = PortableRuntime(folder, manifest, threads, providers)
-    else:
-        from edge_client.ort_training import TrainingRuntime
-        runtime = TrainingRuntime(folder, manifest, threads)
+    manifest = read_bundle(folder)   # refuses backends this release cannot run
+    from edge_client.portable import PortableRuntime
+    runtime: ClientRuntime = PortableRuntime(folder, manifest, threads, providers)
     runtime.load_trainables(load_trainables(folder, manifest))
     runtime.reset_optimizer()
     return runtime

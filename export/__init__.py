@@ -1,1 +1,1 @@
-"""Cut a timm ViT for SFPrompt and get its weights; (with issue 3) export the client slice to ONNX."""
+"""Cut a timm ViT for SFPrompt, get its weights, and export the client slice as a checked ONNX bundle."""

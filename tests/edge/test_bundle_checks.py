@@ -55,6 +55,7 @@ def test_a_missing_file_and_a_missing_manifest_are_refused(bundle):
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m.update(format_version=99), "format version 99 is not supported"),
     (lambda m: m.update(backend="cuda-magic"), "unknown bundle backend"),
+    (lambda m: m.update(backend="training"), "cannot run 'training' bundles yet"),
     (lambda m: m["graphs"].pop("local_step"), "names no graph for local_step"),
     (lambda m: m.pop("trainables"), "manifest is malformed"),
     (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "outside itself"),
