@@ -32,6 +32,8 @@ class PortableRuntime(ClientRuntime):
             except Exception as err:   # onnxruntime raises its own exception types for unreadable graphs
                 raise BundleError(f"graph {role} ({name}) cannot be loaded by onnxruntime: {err}") from None
         self.values: dict[str, np.ndarray] = {}     # param.*, state.*.*, step: the graphs' own input names
+        self.io = {role: ([a.name for a in s.get_inputs()], [o.name for o in s.get_outputs()])
+                   for role, s in self.sessions.items()}
         self._check_graph_inputs()
 
     def _check_graph_inputs(self) -> None:
@@ -40,18 +42,15 @@ class PortableRuntime(ClientRuntime):
         names = [t.name for t in self.manifest.trainables]
         known = set(BATCH_INPUTS) | {param_key(n) for n in names} | {
             state_key(slot, n) for slot in self.manifest.optimizer.slots for n in names}
-        for role, session in self.sessions.items():
-            unknown = [arg.name for arg in session.get_inputs() if arg.name not in known]
+        for role, (inputs, _) in self.io.items():
+            unknown = [name for name in inputs if name not in known]
             if unknown:
                 raise BundleError(f"graph {role} takes inputs the manifest does not declare: {unknown}")
 
     def _run(self, role: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        session = self.sessions[role]
-        inputs = {}
-        for arg in session.get_inputs():
-            inputs[arg.name] = feeds[arg.name] if arg.name in feeds else self.values[arg.name]
-        names = [o.name for o in session.get_outputs()]
-        result = dict(zip(names, session.run(names, inputs)))
+        input_names, output_names = self.io[role]
+        inputs = {name: feeds[name] if name in feeds else self.values[name] for name in input_names}
+        result = dict(zip(output_names, self.sessions[role].run(output_names, inputs)))
         for name, value in result.items():
             if name.startswith(NEW) and name != "new.step":
                 self.values[name[len(NEW):]] = value

@@ -20,9 +20,6 @@ import numpy as np
 from sfp_common.bundle import BundleError, Manifest, check_trainables, load_trainables, read_bundle, state_key
 from sfp_common.pruning import el2n_scores
 
-STATE_FILE_KEYS = ("trainables", "optimizer", "step")
-
-
 @dataclass(frozen=True)
 class TailStep:
     loss: float

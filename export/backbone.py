@@ -87,7 +87,7 @@ def preprocessing_of(model: nn.Module) -> Preprocessing:
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
         channels = patch_embed.proj.in_channels
         cfg["input_size"] = (channels, *patch_embed.img_size)
-        if channels != len(cfg["mean"]) and len(cfg["mean"]) == 3 and channels == 1:
+        if channels == 1 and len(cfg["mean"]) == 3:
             cfg["mean"], cfg["std"] = cfg["mean"][:1], cfg["std"][:1]
     return Preprocessing.from_timm_config(cfg)
 
