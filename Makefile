@@ -6,9 +6,11 @@ BACKBONE ?= models/vit-fmnist.pth
 # The device's environment: the edge extra only (plain onnxruntime, no torch), as on a Raspberry Pi.
 EDGE_VENV ?= .venv-edge
 EDGE_FIXTURES ?= build/edge-fixtures
+# The training backend's environment: onnxruntime-training-cpu, no torch (builds and runs ORT training artifacts).
+ORT_TRAINING_VENV ?= .venv-ort-training
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo compare count bench-device test clean
+.PHONY: setup system-packages backbone demo compare count bench-device ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on.
 system-packages:
@@ -43,23 +45,33 @@ compare: backbone
 count: setup
 	$(BIN)/sfp-count --model vit_base_patch16_224 --classes 10 --samples 500 --keep 0.5 --epochs 1
 
-# On-device step time and peak memory, portable backend against PyTorch, ViT-Tiny and ViT-B/16 (about 3 min).
-bench-device: setup
-	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py
+# On-device step time and peak memory, both backends against PyTorch, ViT-Tiny and ViT-B/16 (about 5 min).
+bench-device: setup $(ORT_TRAINING_VENV)/installed
+	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py --training-python $(ORT_TRAINING_VENV)/bin/python
 
 $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_VENV)
 	$(EDGE_VENV)/bin/pip install -q -e '.[edge]' pytest
 	touch $@
 
-# Bundles are exported and the PyTorch reference steps recorded in the main environment; the device tests then
-# run against them in the torch-free one (and in the main one too).
-test: setup $(EDGE_VENV)/installed
+$(ORT_TRAINING_VENV)/installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(ORT_TRAINING_VENV)
+	$(ORT_TRAINING_VENV)/bin/pip install -q -e '.[ort-training]' pytest
+	touch $@
+
+# Needed by `sfp-export bundle --backend training` (it finds $(ORT_TRAINING_VENV)/bin/python).
+ort-training-env: $(ORT_TRAINING_VENV)/installed
+
+# Bundles of both backends are exported and the PyTorch reference steps recorded in the main environment; the
+# device tests then run in each backend's torch-free environment (portable ones in the main one too).
+test: setup $(EDGE_VENV)/installed $(ORT_TRAINING_VENV)/installed
 	rm -rf $(EDGE_FIXTURES)
-	OMP_NUM_THREADS=1 $(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)
-	SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python \
+		$(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)
+	SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python -m pytest -q
 	$(EDGE_VENV)/bin/python -c "import importlib.util as u, onnxruntime; print('device environment: torch importable:', u.find_spec('torch') is not None, '| onnxruntime', onnxruntime.__version__)"
-	SFP_DEVICE_ENV=1 SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_VENV)/bin/python -m pytest -q -rP tests/edge
+	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_VENV)/bin/python -m pytest -q -rP tests/edge
+	SFP_DEVICE_ENV=training SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(ORT_TRAINING_VENV)/bin/python -m pytest -q -rP tests/edge
 
 clean:
-	rm -rf $(VENV) $(EDGE_VENV) build runs *.egg-info
+	rm -rf $(VENV) $(EDGE_VENV) $(ORT_TRAINING_VENV) build runs *.egg-info

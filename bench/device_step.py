@@ -1,15 +1,17 @@
 """On-device training cost: step time and peak memory of each backend against PyTorch doing the same step.
 
 For each model (ViT-Tiny/16 and ViT-B/16 at 224, random weights: the cost does not depend on them; 10 classes,
-10 prompts, no head or tail blocks, AdamW) a portable bundle is exported once, then every (runner, batch) pair
+10 prompts, no head or tail blocks, AdamW) a bundle per backend is exported once, then every (runner, batch) pair
 runs in a fresh process with one thread, so its peak RSS is its own:
 - `pytorch`: the client slice in eager PyTorch (torch + timm loaded, as a device running PyTorch would);
-- `portable`: the bundle in plain onnxruntime, in a process that never imports torch.
+- `portable`: the portable bundle in plain onnxruntime, in a process that never imports torch;
+- `training`: the training bundle in onnxruntime-training (its own environment, no torch).
 Two steps are timed, median of `--reps` after warm-up: the local-loss step, and the client's part of a split
 batch (smash + tail step + prompt update; the server's features and gradient are given).
 
     python bench/device_step.py [--models vit_tiny_patch16_224,vit_base_patch16_224] [--batches 8,32]
-                                [--reps 20] [--out bench/results/device-step]
+                                [--reps 20] [--backends portable,training] [--training-python PY]
+                                [--out bench/results/device-step]
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def inputs(batch: int, size: tuple[int, ...], tail_tokens: int, dim: int, grad_s
             (1e-3 * rng.standard_normal(grad_shape)).astype(np.float32))
 
 
-def worker_portable(bundle: Path, batch: int, reps: int) -> dict:
+def worker_device(bundle: Path, batch: int, reps: int) -> dict:
     from edge_client.runtime import open_runtime
     runtime = open_runtime(bundle, threads=1)
     m = runtime.manifest
@@ -108,22 +110,37 @@ def worker_pytorch(model_name: str, batch: int, reps: int) -> dict:
     return {"local_ms": timed(local, reps), "split_ms": timed(split, reps), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_worker(args: list[str]) -> dict:
+def run_worker(args: list[str], python: str = sys.executable) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run([python, __file__, "--worker", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def export(model_name: str, folder: Path) -> Path:
-    bundle = folder / f"bundle-{model_name}"
+def export(model_name: str, backend: str, folder: Path, training_python: str) -> Path:
+    bundle = folder / f"bundle-{model_name}-{backend}"
     if not (bundle / "manifest.json").is_file():
-        print(f"exporting {model_name} (checked against PyTorch)...", flush=True)
+        print(f"exporting {model_name} ({backend}, checked against PyTorch)...", flush=True)
         subprocess.run([sys.executable, "-m", "export.cli", "bundle", "--model", model_name, "--classes",
-                        str(CLASSES), "--prompts", str(PROMPTS), "--random-init", "--out", str(bundle)],
+                        str(CLASSES), "--prompts", str(PROMPTS), "--random-init", "--backend", backend,
+                        "--training-python", training_python, "--out", str(bundle)],
                        check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                                                   "PYTHONPATH": str(ROOT)})
     return bundle
+
+
+def public_args(args: list[str]) -> list[str]:
+    """The command line as written down: without the local interpreter path of --training-python."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--training-python":
+            skip = True
+        elif not arg.startswith("--training-python="):
+            out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -131,46 +148,56 @@ def main() -> None:
     ap.add_argument("--models", default="vit_tiny_patch16_224,vit_base_patch16_224")
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--backends", default="portable,training")
+    ap.add_argument("--training-python", default=os.environ.get("SFP_ORT_TRAINING_PYTHON",
+                                                                 str(ROOT / ".venv-ort-training/bin/python")))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "device-step")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, target, batch, reps = a.worker
-        fn = worker_portable if kind == "portable" else worker_pytorch
-        print(json.dumps(fn(Path(target) if kind == "portable" else target, int(batch), int(reps))))
+        result = worker_pytorch(target, int(batch), int(reps)) if kind == "pytorch" else \
+            worker_device(Path(target), int(batch), int(reps))
+        print(json.dumps(result))
         return
     a.out.mkdir(parents=True, exist_ok=True)
+    backends = a.backends.split(",")
+    python = {"portable": sys.executable, "training": a.training_python}
     rows = []
     for model_name in a.models.split(","):
-        bundle = export(model_name, ROOT / "runs" / "device-step-bundles")
-        size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+        bundles = {b: export(model_name, b, ROOT / "runs" / "device-step-bundles", a.training_python)
+                   for b in backends}
         for batch in map(int, a.batches.split(",")):
             ref = run_worker(["pytorch", model_name, str(batch), str(a.reps)])
-            port = run_worker(["portable", str(bundle), str(batch), str(a.reps)])
-            row = {"model": model_name, "batch": batch, "bundle_mb": round(size / 1e6, 2),
-                   "pytorch": ref, "portable": port,
-                   "local_time_ratio": port["local_ms"] / ref["local_ms"],
-                   "split_time_ratio": port["split_ms"] / ref["split_ms"],
-                   "rss_ratio": port["peak_rss_mb"] / ref["peak_rss_mb"]}
-            rows.append(row)
-            print(f"{model_name} B={batch}: local {ref['local_ms']:.1f} -> {port['local_ms']:.1f} ms, split "
-                  f"{ref['split_ms']:.1f} -> {port['split_ms']:.1f} ms, RSS {ref['peak_rss_mb']:.0f} -> "
-                  f"{port['peak_rss_mb']:.0f} MB", flush=True)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python":
-               platform.python_version(), "threads": 1, "command": " ".join(["python", "bench/device_step.py",
-                                                                             *sys.argv[1:]])}
+            rows.append({"model": model_name, "batch": batch, "runner": "pytorch", **ref})
+            for backend, bundle in bundles.items():
+                got = run_worker([backend, str(bundle), str(batch), str(a.reps)], python[backend])
+                size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+                rows.append({"model": model_name, "batch": batch, "runner": backend, **got,
+                             "bundle_mb": round(size / 1e6, 2),
+                             "local_time_ratio": got["local_ms"] / ref["local_ms"],
+                             "split_time_ratio": got["split_ms"] / ref["split_ms"],
+                             "rss_ratio": got["peak_rss_mb"] / ref["peak_rss_mb"]})
+                print(f"{model_name} B={batch} {backend}: local {ref['local_ms']:.1f} -> {got['local_ms']:.1f} ms, "
+                      f"split {ref['split_ms']:.1f} -> {got['split_ms']:.1f} ms, RSS {ref['peak_rss_mb']:.0f} -> "
+                      f"{got['peak_rss_mb']:.0f} MB", flush=True)
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "threads": 1,
+               "command": " ".join(["python", "bench/device_step.py", *public_args(sys.argv[1:])])}
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, one thread per "
-             f"process. Command: `{machine['command']}`. Portable = plain onnxruntime, no torch in the process.",
-             "", "| model | batch | PyTorch local ms | portable local ms | ratio | PyTorch split ms | portable split ms "
-             "| ratio | PyTorch peak RSS MB | portable peak RSS MB | ratio | bundle MB |", "|" + "---|" * 12]
+             f"process. Command: `{machine['command']}`. portable = plain onnxruntime; training = "
+             "onnxruntime-training; neither process imports torch. Ratios are to PyTorch in the same run.",
+             "", "| model | batch | runner | local ms | ratio | split ms | ratio | peak RSS MB | ratio | bundle MB |",
+             "|" + "---|" * 10]
     header = 3
     for r in rows:
-        p, o = r["pytorch"], r["portable"]
-        lines.append(f"| {r['model']} | {r['batch']} | {p['local_ms']:.1f} | {o['local_ms']:.1f} | "
-                     f"{r['local_time_ratio']:.2f} | {p['split_ms']:.1f} | {o['split_ms']:.1f} | "
-                     f"{r['split_time_ratio']:.2f} | {p['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | "
-                     f"{r['rss_ratio']:.2f} | {r['bundle_mb']} |")
+        if r["runner"] == "pytorch":
+            lines.append(f"| {r['model']} | {r['batch']} | PyTorch | {r['local_ms']:.1f} | 1 | {r['split_ms']:.1f} "
+                         f"| 1 | {r['peak_rss_mb']:.0f} | 1 | |")
+        else:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['runner']} | {r['local_ms']:.1f} | "
+                         f"{r['local_time_ratio']:.2f} | {r['split_ms']:.1f} | {r['split_time_ratio']:.2f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} | {r['bundle_mb']} |")
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[header:]))
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_client.runtime import ClientRuntime, TailStep, check_batch
+from edge_client.runtime import (ClientRuntime, TailStep, check_batch, check_features, check_labels,
+                                  check_server_grad)
 from sfp_common.bundle import NEW, BundleError, Manifest, param_key, state_key
 
 BATCH_INPUTS = ("images", "labels", "features", "upstream", "prompt_grad", "step", "lr")
@@ -60,50 +61,28 @@ class PortableRuntime(ClientRuntime):
     def _scalar(value: float) -> np.ndarray:
         return np.array(value, dtype=np.float32)
 
-    def _labels(self, labels: np.ndarray, batch: int) -> np.ndarray:
-        labels = np.asarray(labels)
-        if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
-            raise BundleError(f"labels must be {batch} integers, got {labels.dtype}{list(labels.shape)}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.manifest.num_classes):
-            raise BundleError(f"labels must be in [0, {self.manifest.num_classes}), got {labels.min()}..{labels.max()}")
-        return labels.astype(np.int64)
-
-    def _features(self, features: np.ndarray) -> np.ndarray:
-        m = self.manifest
-        expected = (m.tail_tokens, m.embed_dim)
-        if features.ndim != 3 or tuple(features.shape[1:]) != expected or len(features) == 0:
-            raise BundleError(f"features must be [B, {expected[0]}, {expected[1]}], got {list(features.shape)}")
-        return np.ascontiguousarray(features, dtype=np.float32)
-
     def smash(self, images: np.ndarray) -> np.ndarray:
         return self._run("front", images=check_batch(images, self.manifest))["tokens"]
 
     def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
-        features = self._features(features)
-        out = self._run("tail_step", features=features, labels=self._labels(labels, len(features)),
+        features = check_features(features, self.manifest)
+        out = self._run("tail_step", features=features, labels=check_labels(labels, len(features), self.manifest),
                         lr=self._scalar(lr))
         return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
 
     def prompt_step(self, server_grad: np.ndarray, lr: float, images: np.ndarray | None = None) -> None:
         m = self.manifest
-        grad = np.ascontiguousarray(server_grad, dtype=np.float32)
+        grad, images = check_server_grad(server_grad, m, images)
         if m.prompt_gradient_only:
-            if grad.shape != (m.prompts, m.embed_dim):
-                raise BundleError(f"prompt gradient must be [{m.prompts}, {m.embed_dim}], got {list(grad.shape)}")
             out = self._run("prompt_step", prompt_grad=grad, lr=self._scalar(lr))
         else:
-            if images is None:
-                raise BundleError("with head blocks the prompt update needs the batch's images again")
-            images = check_batch(images, m)
-            if grad.shape != (len(images), m.num_tokens, m.embed_dim):
-                raise BundleError(f"token gradient must be [{len(images)}, {m.num_tokens}, {m.embed_dim}], "
-                                  f"got {list(grad.shape)}")
             out = self._run("prompt_step", images=images, upstream=grad, lr=self._scalar(lr))
         self.values["step"] = out["new.step"]
 
     def local_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         images = check_batch(images, self.manifest)
-        out = self._run("local_step", images=images, labels=self._labels(labels, len(images)), lr=self._scalar(lr))
+        out = self._run("local_step", images=images, labels=check_labels(labels, len(images), self.manifest),
+                        lr=self._scalar(lr))
         self.values["step"] = out["new.step"]
         return float(out["loss"]), out["logits"]
 
@@ -111,7 +90,7 @@ class PortableRuntime(ClientRuntime):
         return self._run("local_logits", images=check_batch(images, self.manifest))["logits"]
 
     def tail_logits(self, features: np.ndarray) -> np.ndarray:
-        return self._run("tail_logits", features=self._features(features))["logits"]
+        return self._run("tail_logits", features=check_features(features, self.manifest))["logits"]
 
     def trainables(self) -> dict[str, np.ndarray]:
         return {t.name: self.values[param_key(t.name)].copy() for t in self.manifest.trainables}

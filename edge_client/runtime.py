@@ -125,6 +125,42 @@ class ClientRuntime(ABC):
                 raise BundleError(f"optimizer state {key} has shape {list(state[key].shape)}, expected {list(shape)}")
 
 
+def check_labels(labels: np.ndarray, batch: int, manifest: Manifest) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise BundleError(f"labels must be {batch} integers, got {labels.dtype}{list(labels.shape)}")
+    if labels.size and (labels.min() < 0 or labels.max() >= manifest.num_classes):
+        raise BundleError(f"labels must be in [0, {manifest.num_classes}), got {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64)
+
+
+def check_features(features: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """The server's body output at the positions the tail reads: [B, tail_tokens, embed_dim]."""
+    expected = (manifest.tail_tokens, manifest.embed_dim)
+    if features.ndim != 3 or tuple(features.shape[1:]) != expected or len(features) == 0:
+        raise BundleError(f"features must be [B, {expected[0]}, {expected[1]}], got {list(features.shape)}")
+    return np.ascontiguousarray(features, dtype=np.float32)
+
+
+def check_server_grad(server_grad: np.ndarray, manifest: Manifest,
+                      images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(gradient, images) for a prompt update: dL/dprompts [P, D] with no head blocks; otherwise dL/dtokens and
+    the batch's images again (the head is re-run)."""
+    grad = np.ascontiguousarray(server_grad, dtype=np.float32)
+    m = manifest
+    if m.prompt_gradient_only:
+        if grad.shape != (m.prompts, m.embed_dim):
+            raise BundleError(f"prompt gradient must be [{m.prompts}, {m.embed_dim}], got {list(grad.shape)}")
+        return grad, None
+    if images is None:
+        raise BundleError("with head blocks the prompt update needs the batch's images again")
+    images = check_batch(images, m)
+    if grad.shape != (len(images), m.num_tokens, m.embed_dim):
+        raise BundleError(f"token gradient must be [{len(images)}, {m.num_tokens}, {m.embed_dim}], "
+                          f"got {list(grad.shape)}")
+    return grad, images
+
+
 def check_batch(images: np.ndarray, manifest: Manifest, what: str = "images") -> np.ndarray:
     """A float32 NCHW batch of the bundle's input size, or a clear error (ONNX Runtime's is not)."""
     expected = tuple(manifest.preprocessing.input_size)
@@ -136,9 +172,14 @@ def check_batch(images: np.ndarray, manifest: Manifest, what: str = "images") ->
 
 def open_runtime(folder: str | Path, threads: int = 1, providers: list[str] | None = None) -> ClientRuntime:
     """Check the bundle, then load it on the backend its manifest names, with its initial trainables."""
-    manifest = read_bundle(folder)   # refuses backends this release cannot run
-    from edge_client.portable import PortableRuntime
-    runtime: ClientRuntime = PortableRuntime(folder, manifest, threads, providers)
+    manifest = read_bundle(folder)
+    runtime: ClientRuntime
+    if manifest.backend == "training":
+        from edge_client.ort_training import TrainingRuntime
+        runtime = TrainingRuntime(folder, manifest, threads, providers)
+    else:
+        from edge_client.portable import PortableRuntime
+        runtime = PortableRuntime(folder, manifest, threads, providers)
     runtime.load_trainables(load_trainables(folder, manifest))
     runtime.reset_optimizer()
     return runtime

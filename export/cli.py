@@ -30,11 +30,14 @@ def main() -> None:
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
 @click.option("--backend", type=click.Choice(["portable", "training"]), default="portable",
               help="portable: standard-ONNX train steps for plain onnxruntime; training: onnxruntime-training.")
+@click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
+              help="training backend: a Python with onnxruntime-training-cpu and this package "
+                   "[default: .venv-ort-training/bin/python, from `make ort-training-env`].")
 @click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")
 @click.option("--seed", default=0, help="Seeds the prompts and the new classifier.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def bundle(model, classes, prompts, head_blocks, tail_blocks, img_size, optimizer, weight_decay, momentum, backend,
-           random_init, seed, out) -> None:
+           training_python, random_init, seed, out) -> None:
     """Write a client bundle, after checking every graph against PyTorch (nothing is written if one disagrees)."""
     from export.backbone import resolve_model
     from export.bundle import client_model, export_bundle
@@ -47,7 +50,8 @@ def bundle(model, classes, prompts, head_blocks, tail_blocks, img_size, optimize
                                    pretrained=not random_init, seed=seed)
         opt = OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum)
         manifest, report = export_bundle(split, prep, out, source.label, opt, backend,
-                                         progress=lambda message: click.echo(message, err=True))
+                                         progress=lambda message: click.echo(message, err=True),
+                                         training_python=training_python)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         click.echo(f"bundle written to {out}: {backend}, {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "
                    f"export {manifest.verification['export_seconds']} s")

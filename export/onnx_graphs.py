@@ -1,4 +1,4 @@
-"""The client slice as standard-ONNX graphs that *train*: the `portable` backend, run by plain onnxruntime.
+"""The client slice as ONNX: train-step graphs for the `portable` backend, forward graphs for the `training` one.
 
 Each training graph is one optimizer step: forward, backward to the trainables and the update, with the
 trainables and the optimizer state as graph inputs and their new values as outputs (frozen weights are
@@ -209,13 +209,21 @@ def prepare_for_export(model: SplitViT) -> SplitViT:
     return model
 
 
+def image_shape(model: SplitViT) -> tuple[int, int, int]:
+    """(channels, height, width) the model's patch embedding takes."""
+    embed = model.head.embedding.patch_embed
+    return embed.proj.in_channels, *embed.img_size
+
+
 def _export(module: nn.Module, args: list[torch.Tensor], batch_dims: list[bool], path: Path,
-            input_names: list[str], output_names: list[str]) -> None:
+            input_names: list[str], output_names: list[str], varargs: bool = True) -> None:
+    """`varargs`: the module's forward takes *args (Lifted and PromptUpdate), so the shapes are one tuple."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
     dynamic = tuple({0: batch} if b else None for b in batch_dims)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "axis name batch will not be used" and similar notes
-        program = torch.onnx.export(module.eval(), tuple(args), dynamo=True, dynamic_shapes=(dynamic,),
+        program = torch.onnx.export(module.eval(), tuple(args), dynamo=True,
+                                    dynamic_shapes=(dynamic,) if varargs else dynamic,
                                     input_names=input_names, output_names=output_names, optimize=False,
                                     opset_version=OPSET, verbose=False)
     program.save(str(path))
@@ -236,7 +244,7 @@ def build_portable_graphs(model: SplitViT, opt: OptimizerSpec, out_dir: str | Pa
     params = dict(model.named_parameters())
     tail_names = model.trainable_names(("tail",))
     local_names = ["head.prompts"] + tail_names
-    channels, (height, width) = model.head.embedding.patch_embed.proj.in_channels, model.head.embedding.patch_embed.img_size
+    channels, height, width = image_shape(model)
     classes = model.tail.head.out_features
     # Every example input is its own tensor: the exporter merges inputs that share a tensor object.
     images = lambda: torch.randn(EXPORT_BATCH, channels, height, width)   # noqa: E731
@@ -307,4 +315,27 @@ def build_portable_graphs(model: SplitViT, opt: OptimizerSpec, out_dir: str | Pa
     args = [images(), labels()] + values(local_names) + zeros(local_names) + scalars()
     save("local_step", Lifted(program, local_names, opt, 2), args, [True, True] + [False] * (len(args) - 2),
          ["images", "labels"] + ins + step_io[0], ["loss", "logits"] + outs + step_io[1])
+    return graphs
+
+
+def build_forward_graphs(model: SplitViT, out_dir: str | Path, progress=lambda message: None) -> dict[str, str]:
+    """The `training` backend's starting point: plain forward graphs whose weights are initializers named as in
+    PyTorch ("head.prompts", "tail.norm.weight", ...), which ONNX Runtime's artifact builder
+    (`export/ort_artifacts.py`) turns into training graphs. Returns name -> file: front (images -> tokens),
+    tail (features -> logits), local (images -> logits, the local-loss path)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = prepare_for_export(model)
+    channels, height, width = image_shape(model)
+    images = lambda: torch.randn(EXPORT_BATCH, channels, height, width)   # noqa: E731
+    with torch.no_grad():
+        body_out = model.body(model.head(images()))
+        features = body_out[:, model.tail.pooled_positions(body_out.shape[1])].clone()
+    graphs = {}
+    for name, module, example, in_name, out_name in (("front", Front(model), images(), "images", "tokens"),
+                                                     ("tail", TailLogits(model), features, "features", "logits"),
+                                                     ("local", LocalLogits(model), images(), "images", "logits")):
+        progress(f"exporting the {name} forward graph")
+        _export(module, [example], [True], out_dir / f"{name}.onnx", [in_name], [out_name], varargs=False)
+        graphs[name] = f"{name}.onnx"
     return graphs

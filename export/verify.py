@@ -1,10 +1,11 @@
 """Check a bundle against PyTorch before anyone trains with it: the exporter refuses one that disagrees.
 
-The device runtime (the code a device runs) executes each graph of the bundle, and the same step is taken in
-PyTorch autograd + torch.optim on the model the bundle was cut from. Every step starts both sides from the same
-trainables and optimizer state (PyTorch's, loaded into the device), so each graph is judged on its own, with
-non-zero optimizer state after the first step, at batch sizes other than the export one. That is what catches
-the exporter's silent failures: a gradient scaled by the batch, a dropped `eps`, merged inputs.
+PyTorch autograd + torch.optim take steps on the model the bundle was cut from, and each step is recorded as a
+case (`edge_client/parity.py`): the trainables and optimizer state it started from, its batch, its outputs, the
+server's answers and where it ended. The device runtime then replays every case from the same starting tensors,
+in the backend's own environment. Steps run local first, then split, at batch sizes other than the export one,
+and every step after the first starts from non-zero optimizer state. That is what catches the exporter's silent
+failures: a gradient scaled by the batch, a dropped `eps`, merged inputs.
 
 Tolerances (sfp_common/parity.py): outputs (tokens, logits, loss, dL/dfeatures) and optimizer state
 (gradient-level) to a max relative error of 1e-4; parameter updates to 1e-4 (SGD) or, for AdamW, an rms relative
@@ -14,148 +15,85 @@ noise, in PyTorch fp32 as well: docs/onnx-train-step-prototype.md); every value 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_client.runtime import ClientRuntime
+from edge_client.parity import Case
 from export.split import SplitViT
-from sfp_common.bundle import BundleError, state_key
-from sfp_common.parity import OUTPUT_TOL, adamw_well_scaled, max_rel, update_error
-
-@dataclass
-class ParityReport:
-    """Worst error per checked quantity over all steps and batch sizes, and the limit it was held to."""
-
-    errors: dict[str, float] = field(default_factory=dict)
-    limits: dict[str, float] = field(default_factory=dict)
-    batch_sizes: tuple[int, ...] = ()
-    steps: int = 0
-
-    def note(self, key: str, error: float, limit: float) -> None:
-        self.errors[key] = max(self.errors.get(key, 0.0), error)
-        self.limits[key] = limit
-
-    @property
-    def failures(self) -> list[str]:
-        return [f"{k}: {self.errors[k]:.2e} > {self.limits[k]:.0e}" for k in self.errors
-                if not self.errors[k] <= self.limits[k]]
-
-    def as_dict(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "steps_per_phase": self.steps,
-                "max_errors": {k: float(f"{v:.3e}") for k, v in sorted(self.errors.items())},
-                "limits": {k: self.limits[k] for k in sorted(self.limits)}}
+from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, state_key
+from sfp_common.parity import ParityReport
 
 
-def torch_optimizer(params: list[torch.nn.Parameter], runtime: ClientRuntime, lr: float) -> torch.optim.Optimizer:
-    spec = runtime.manifest.optimizer
+def torch_optimizer(params: list[torch.nn.Parameter], spec: OptimizerSpec, lr: float) -> torch.optim.Optimizer:
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
 
-def _torch_state(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], slots: tuple[str, ...],
-                 steps: int) -> tuple[dict[str, np.ndarray], int]:
-    state = {}
+def _snapshot(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], slots: tuple[str, ...],
+              when: str) -> Case:
+    out = {f"{when}/param/{n}": p.detach().numpy().copy() for n, p in named.items()}
     for name, p in named.items():
-        st = opt.state.get(p, {})
         for slot in slots:
-            value = st.get(slot)
-            state[state_key(slot, name)] = (value.detach().numpy().copy() if value is not None
-                                            else np.zeros(tuple(p.shape), np.float32))
-    return state, steps
+            value = opt.state.get(p, {}).get(slot)
+            out[f"{when}/state/{state_key(slot, name)}"] = (value.detach().numpy().copy() if value is not None
+                                                            else np.zeros(tuple(p.shape), np.float32))
+    return out
 
 
-def verify_bundle(model: SplitViT, runtime: ClientRuntime, batch_sizes: tuple[int, ...] = (1, 3, 8),
-                  steps: int = 2, lr: float = 1e-2, seed: int = 0) -> ParityReport:
-    """Local steps, then split steps, for each batch size; each step compared from the same starting state."""
-    manifest = runtime.manifest
-    report = ParityReport(batch_sizes=tuple(batch_sizes), steps=steps)
+def reference_cases(model: SplitViT, manifest: Manifest, batch_sizes: tuple[int, ...] = (1, 3, 8),
+                    steps: int = 2, lr: float = 1e-2, seed: int = 0) -> list[Case]:
+    """`steps` local then `steps` split steps per batch size, each one PyTorch step recorded as a case."""
     rng = np.random.default_rng(seed)
     slots = manifest.optimizer.slots
+    cases = []
     for batch in batch_sizes:
         ref = copy.deepcopy(model).eval()
         ref.set_trainable(("prompts", "tail"))
         params = dict(ref.named_parameters())
         named = {name: params[name] for name in manifest.trainable_names()}
-        opt = torch_optimizer(list(named.values()), runtime, lr)
-        done = 0
-        for phase in ("local", "split"):
-            for _ in range(steps):
-                x = rng.standard_normal((batch, *manifest.preprocessing.input_size)).astype(np.float32)
-                y = rng.integers(0, manifest.num_classes, batch)
-                xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-                before = {n: p.detach().numpy().copy() for n, p in named.items()}
-                runtime.load_trainables(before)
-                runtime.load_optimizer_state(*_torch_state(opt, named, slots, done))
-                with torch.no_grad():
-                    report.note("local_logits", max_rel(runtime.local_logits(x), ref.forward_local(xt).numpy()),
-                                OUTPUT_TOL)
-                opt.zero_grad()
-                if phase == "local":
-                    logits = ref.forward_local(xt)
-                    loss = F.cross_entropy(logits, yt)
-                    loss.backward()
-                    opt.step()
-                    dev_loss, dev_logits = runtime.local_step(x, y, lr)
-                    report.note("local_step loss", max_rel(dev_loss, loss.item()), OUTPUT_TOL)
-                    report.note("local_step logits", max_rel(dev_logits, logits.detach().numpy()), OUTPUT_TOL)
-                else:
-                    _split_step_both(ref, runtime, x, xt, y, yt, opt, lr, report)
-                done += 1
-                _compare_updates(report, f"{phase} step", runtime, opt, named, before, slots)
-    return report
+        opt = torch_optimizer(list(named.values()), manifest.optimizer, lr)
+        for done, phase in enumerate(["local"] * steps + ["split"] * steps):
+            x = rng.standard_normal((batch, *manifest.preprocessing.input_size)).astype(np.float32)
+            y = rng.integers(0, manifest.num_classes, batch)
+            case = {"images": x, "labels": y, "lr": np.array(lr), "step": np.array(done),
+                    **_snapshot(opt, named, slots, "before")}
+            opt.zero_grad()
+            if phase == "local":
+                logits = ref.forward_local(torch.from_numpy(x))
+                loss = F.cross_entropy(logits, torch.from_numpy(y))
+                loss.backward()
+                case.update(logits=logits.detach().numpy(), loss=np.array(loss.item()))
+            else:
+                case.update(_split_step(ref, x, y))
+            opt.step()
+            cases.append({**case, **_snapshot(opt, named, slots, "after")})
+    return cases
 
 
-def _split_step_both(ref: SplitViT, runtime: ClientRuntime, x: np.ndarray, xt: torch.Tensor, y: np.ndarray,
-                     yt: torch.Tensor, opt: torch.optim.Optimizer, lr: float, report: ParityReport) -> None:
-    """PyTorch's split step, and the device's three calls fed the server's answers from the PyTorch side."""
-    smashed = ref.head(xt)
+def _split_step(ref: SplitViT, x: np.ndarray, y: np.ndarray) -> Case:
+    """PyTorch's split step; the tensors that cross between device and server are recorded for the replay."""
+    smashed = ref.head(torch.from_numpy(x))
     tokens = smashed.detach().requires_grad_(True)
     body_out = ref.body(tokens)
     needed = body_out[:, ref.tail.pooled_positions(body_out.shape[1])]
     features = needed.detach().requires_grad_(True)
     logits = ref.tail(features)
-    loss = F.cross_entropy(logits, yt)
+    loss = F.cross_entropy(logits, torch.from_numpy(y))
     loss.backward()
     needed.backward(features.grad)
-    report.note("front tokens", max_rel(runtime.smash(x), smashed.detach().numpy()), OUTPUT_TOL)
-    report.note("tail_logits", max_rel(runtime.tail_logits(features.detach().numpy()), logits.detach().numpy()),
-                OUTPUT_TOL)
-    step = runtime.tail_step(features.detach().numpy(), y, lr)
-    report.note("tail_step loss", max_rel(step.loss, loss.item()), OUTPUT_TOL)
-    report.note("tail_step logits", max_rel(step.logits, logits.detach().numpy()), OUTPUT_TOL)
-    report.note("tail_step dfeatures", max_rel(step.dfeatures, features.grad.numpy()), OUTPUT_TOL)
-    first, count = ref.head.num_prefix_tokens, ref.spec.prompts
-    if runtime.manifest.prompt_gradient_only:
-        prompt_grad = tokens.grad[:, first:first + count].sum(dim=0)
-        ref.head.prompts.grad = prompt_grad.clone()
-        runtime.prompt_step(prompt_grad.numpy(), lr)
+    if ref.spec.head_blocks == 0:   # the server sends dL/dprompts, summed over the batch
+        first, count = ref.head.num_prefix_tokens, ref.spec.prompts
+        server_grad = tokens.grad[:, first:first + count].sum(dim=0)
+        ref.head.prompts.grad = server_grad.clone()
     else:
+        server_grad = tokens.grad
         smashed.backward(tokens.grad)
-        runtime.prompt_step(tokens.grad.numpy(), lr, images=x)
-    opt.step()
-
-
-def _compare_updates(report: ParityReport, tag: str, runtime: ClientRuntime, opt: torch.optim.Optimizer,
-                     named: dict[str, torch.nn.Parameter], before: dict[str, np.ndarray],
-                     slots: tuple[str, ...]) -> None:
-    spec = runtime.manifest.optimizer
-    device_params = runtime.trainables()
-    device_state, _ = runtime.optimizer_state()
-    for name, p in named.items():
-        st = opt.state[p]
-        for slot in slots:
-            report.note(f"{tag} optimizer state", max_rel(device_state[state_key(slot, name)],
-                                                          st[slot].detach().numpy()), OUTPUT_TOL)
-        well_scaled = None
-        if spec.name == "adamw":
-            well_scaled = adamw_well_scaled(st["exp_avg_sq"].detach().numpy(), int(st["step"]), spec.betas[1],
-                                            spec.eps)
-        error, limit = update_error(spec.name, device_params[name], p.detach().numpy(), before[name], well_scaled)
-        report.note(f"{tag} update", error, limit)
+    return {"tokens": smashed.detach().numpy(), "features": features.detach().numpy(),
+            "tail_logits": logits.detach().numpy(), "loss": np.array(loss.item()),
+            "dfeatures": features.grad.numpy(), "server_grad": server_grad.detach().numpy().copy()}
 
 
 def check_or_refuse(report: ParityReport, what: str) -> None:

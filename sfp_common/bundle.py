@@ -22,14 +22,16 @@ from sfp_common.preprocess import Preprocessing
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TRAINABLES = "trainables.npz"
-BACKENDS = ("portable", "training")
 OPTIMIZERS = ("sgd", "adamw")
 STATE_SLOTS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}   # torch.optim's state names
-# The roles a manifest's `graphs` must name, per backend this release can run. ("training", ONNX Runtime's
-# on-device training artifacts, is a known name but not built yet: docs/ort_training_prototype/.)
+# The files a manifest's `graphs` must name, per backend. portable: standard-ONNX train-step graphs.
+# training: ONNX Runtime's on-device training artifacts (one checkpoint, three modules, ORT's SGD optimizer).
 GRAPH_ROLES = {
     "portable": ("front", "tail_step", "tail_logits", "prompt_step", "local_step", "local_logits"),
+    "training": ("checkpoint", "local_training", "local_eval", "tail_training", "tail_eval", "front_training",
+                 "front_eval", "optimizer"),
 }
+BACKENDS = tuple(GRAPH_ROLES)
 
 
 def param_key(name: str) -> str:
@@ -135,8 +137,6 @@ class Manifest:
             raise BundleError(f"bundle manifest is malformed: {type(err).__name__}: {err}") from None
         if manifest.backend not in BACKENDS:
             raise BundleError(f"unknown bundle backend {manifest.backend!r}; this device knows {', '.join(BACKENDS)}")
-        if manifest.backend not in GRAPH_ROLES:
-            raise BundleError(f"this release cannot run {manifest.backend!r} bundles yet; export a portable one")
         missing = [role for role in GRAPH_ROLES[manifest.backend] if role not in manifest.graphs]
         if missing:
             raise BundleError(f"bundle manifest names no graph for {', '.join(missing)}")

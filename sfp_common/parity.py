@@ -1,6 +1,8 @@
 """How two computations of the same tensor are compared: by the exporter's check and by the parity tests."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 OUTPUT_TOL = 1e-4            # outputs and optimizer state: max relative error
@@ -42,3 +44,27 @@ def update_error(optimizer: str, new: np.ndarray, expected: np.ndarray, before: 
     if not mask.any():
         return 0.0, ADAMW_UPDATE_RMS_TOL
     return rms_rel((new - before)[mask], (expected - before)[mask]), ADAMW_UPDATE_RMS_TOL
+
+
+@dataclass
+class ParityReport:
+    """Worst error per checked quantity over all steps and batch sizes, and the limit it was held to."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = ()
+    steps: int = 0
+
+    def note(self, key: str, error: float, limit: float) -> None:
+        self.errors[key] = max(self.errors.get(key, 0.0), error)
+        self.limits[key] = limit
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{k}: {self.errors[k]:.2e} > {self.limits[k]:.0e}" for k in self.errors
+                if not self.errors[k] <= self.limits[k]]
+
+    def as_dict(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes), "steps_per_phase": self.steps,
+                "max_errors": {k: float(f"{v:.3e}") for k, v in sorted(self.errors.items())},
+                "limits": {k: self.limits[k] for k in sorted(self.limits)}}

@@ -60,4 +60,23 @@ def fixtures_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixture_names(fixtures_dir) -> list[str]:
-    return json.loads((fixtures_dir / "index.json").read_text())
+    return json.loads((fixtures_dir / "index.json").read_text())["names"]
+
+
+@pytest.fixture(scope="session")
+def fixture_backends(fixtures_dir) -> list[str]:
+    return json.loads((fixtures_dir / "index.json").read_text())["backends"]
+
+
+def bundle_folder(backend: str) -> str:
+    return f"bundle-{backend}"
+
+
+def require_backend(backend: str, built: list[str]) -> None:
+    """Each backend's device tests run in that backend's environment: SFP_DEVICE_ENV=portable (plain onnxruntime)
+    or training (onnxruntime-training); the main environment runs portable bundles. There, missing fixtures fail."""
+    here = os.environ.get("SFP_DEVICE_ENV", "portable")
+    if backend != here:
+        pytest.skip(f"{backend} bundles are tested in their own environment (make test: SFP_DEVICE_ENV={backend})")
+    if backend not in built:
+        pytest.fail(f"no {backend} fixtures were built: tests/edge/make_fixtures.py needs SFP_ORT_TRAINING_PYTHON")

@@ -1,16 +1,19 @@
 """`sfp-export bundle`: a bundle is written only after every graph agreed with PyTorch."""
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
+import export.bundle as bundle_module
 import export.onnx_graphs as onnx_graphs
 from conftest import TINY
 from export.backbone import ModelSource
-from export.bundle import client_model, export_bundle
+from export.bundle import check_training_python, client_model, export_bundle
 from export.cli import main as export_main
 from export.split import SplitSpec
-from sfp_common.bundle import MANIFEST, BundleError, OptimizerSpec, read_bundle
+from sfp_common.bundle import GRAPH_ROLES, MANIFEST, BundleError, OptimizerSpec, read_bundle
+from sfp_common.errors import ConfigError
 
 
 def test_a_graph_that_disagrees_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
@@ -41,7 +44,7 @@ def test_the_cli_writes_a_checked_bundle(digits_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "no_such_model_anywhere"], "unknown model"),
-    (["--backend", "training"], "not built yet"),
+    (["--backend", "training", "--training-python", "/no/such/python"], "needs a Python with onnxruntime-training"),
     (["--head-blocks", "9"], "exceed the model's 3 blocks"),
 ])
 def test_bad_input_is_one_line(digits_checkpoint, tmp_path, args, message):
@@ -58,3 +61,42 @@ def test_an_existing_folder_is_not_overwritten(digits_checkpoint, tmp_path):
                                               "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "not empty" in result.stderr
     assert (tmp_path / "b" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def training_python():
+    """The onnxruntime-training environment (`make test` provides it through SFP_ORT_TRAINING_PYTHON)."""
+    try:
+        return check_training_python(None)
+    except ConfigError as err:
+        pytest.skip(str(err))
+
+
+def test_the_cli_writes_a_checked_training_bundle(digits_checkpoint, tmp_path, training_python):
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(export_main, ["bundle", "--model", digits_checkpoint, "--classes", "10",
+                                              "--prompts", "4", "--head-blocks", "1", "--backend", "training",
+                                              "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_bundle(out)
+    assert manifest.backend == "training" and set(manifest.graphs) == set(GRAPH_ROLES["training"])
+    checked = manifest.verification["max_errors"]
+    assert {"split step update", "tail_step dfeatures", "local step optimizer state"} <= set(checked)
+    assert not (out / "forward").exists()      # the forward graphs were only the artifacts' source
+
+
+def test_a_training_bundle_that_disagrees_is_refused(tmp_path, monkeypatch, training_python):
+    """The artifacts bake weight decay 0.05 in; PyTorch steps with 0.1: the replay in the training environment
+    sees the updates differ, and nothing is written."""
+    record = bundle_module.reference_cases
+
+    def with_other_decay(model, manifest, **kwargs):
+        return record(model, replace(manifest, optimizer=replace(manifest.optimizer, weight_decay=0.1)), **kwargs)
+
+    monkeypatch.setattr(bundle_module, "reference_cases", with_other_decay)
+    model, prep = client_model(ModelSource("vit_tiny_patch16_224", dict(TINY)), 5, SplitSpec(3), pretrained=False)
+    with pytest.raises(BundleError, match="disagrees with PyTorch") as refused:
+        export_bundle(model, prep, tmp_path / "bundle", "tiny", OptimizerSpec("sgd", weight_decay=0.05),
+                      backend="training", batch_sizes=(3,))
+    assert "split step update" in str(refused.value) and "local step update" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []

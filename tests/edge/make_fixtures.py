@@ -1,8 +1,8 @@
 """Bundles and PyTorch reference steps for the device tests, made where torch is, checked where it is not.
 
 For each (head_blocks, tail_blocks) in {0/0, 1/1} and optimizer in {SGD with momentum, AdamW}, this exports a
-tiny bundle and records, at batch sizes 1, 3 and 8, one local-loss step and one split-training step taken by the
-reference federation's own code (`simulation.methods.local_step` / `split_step`), starting from non-zero
+tiny bundle per backend (the same model) and records, at batch sizes 1, 3 and 8, one local-loss step and one
+split-training step taken by the reference federation's own code (`simulation.methods.local_step` / `split_step`), starting from non-zero
 optimizer state. Every tensor that crossed the simulated wire is recorded too, so the device test can play the
 server's part without torch.
 
@@ -22,11 +22,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY  # noqa: E402
+from conftest import TINY, bundle_folder  # noqa: E402
 from export.backbone import ModelSource  # noqa: E402
-from export.bundle import client_model, export_bundle  # noqa: E402
+from export.bundle import check_training_python, client_model, export_bundle  # noqa: E402
+from export.onnx_graphs import image_shape  # noqa: E402
 from export.split import SplitSpec, SplitViT  # noqa: E402
 from sfp_common.bundle import OptimizerSpec, state_key  # noqa: E402
+from sfp_common.errors import ConfigError  # noqa: E402
 from simulation.accounting import ClientMeter  # noqa: E402
 from simulation.methods import METHODS, TrainConfig, local_step, make_optimizer, named_params, split_step  # noqa: E402
 
@@ -68,7 +70,7 @@ def record_cases(model: SplitViT, optimizer: str, folder: Path) -> None:
     cfg = TrainConfig(lr=LR, optimizer=optimizer, weight_decay=WEIGHT_DECAY, traffic="ours", wire="fp32")
     slots = OptimizerSpec(optimizer).slots
     rng = np.random.default_rng(1)
-    c, h, w = model.head.embedding.patch_embed.proj.in_channels, *model.head.embedding.patch_embed.img_size
+    c, h, w = image_shape(model)
     for batch in BATCH_SIZES:
         for phase in ("local", "split"):
             ref = copy.deepcopy(model)
@@ -100,19 +102,28 @@ def record_cases(model: SplitViT, optimizer: str, folder: Path) -> None:
 
 
 def main(out: Path) -> None:
+    """Portable bundles always; training bundles when an onnxruntime-training Python is available
+    (SFP_ORT_TRAINING_PYTHON or .venv-ort-training), since only that environment can build them."""
     out.mkdir(parents=True, exist_ok=True)
-    index = []
+    backends = ["portable"]
+    try:
+        check_training_python(None)
+        backends.append("training")
+    except ConfigError as err:
+        print(f"fixtures: no training bundles ({err})", flush=True)
+    names = []
     for head_blocks, tail_blocks in CONFIGS:
         for optimizer in OPTIMIZERS:
             name = f"k{head_blocks}m{tail_blocks}-{optimizer}"
             model, prep = client_model(ModelSource("vit_tiny_patch16_224", dict(TINY)), 5,
                                        SplitSpec(3, head_blocks, tail_blocks), pretrained=False)
-            export_bundle(model, prep, out / name / "bundle", "tiny-test-vit",
-                          OptimizerSpec(optimizer, weight_decay=WEIGHT_DECAY))
+            for backend in backends:
+                export_bundle(model, prep, out / name / bundle_folder(backend), "tiny-test-vit",
+                              OptimizerSpec(optimizer, weight_decay=WEIGHT_DECAY), backend=backend)
             record_cases(model, optimizer, out / name)
-            index.append(name)
-            print(f"fixtures: {name}", flush=True)
-    (out / "index.json").write_text(json.dumps(index) + "\n")
+            names.append(name)
+            print(f"fixtures: {name} ({', '.join(backends)})", flush=True)
+    (out / "index.json").write_text(json.dumps({"names": names, "backends": backends}) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,26 @@ import shutil
 import subprocess
 import sys
 
+import importlib.util
+
 import numpy as np
 import pytest
 
+from conftest import bundle_folder, require_backend
 from edge_client.runtime import open_runtime
-from sfp_common.bundle import MANIFEST, TRAINABLES, BundleError, read_bundle
+from sfp_common.bundle import GRAPH_ROLES, MANIFEST, TRAINABLES, BundleError, read_bundle
 
 
-@pytest.fixture
-def bundle(fixtures_dir, tmp_path):
+@pytest.fixture(params=["portable", "training"])
+def bundle(request, fixtures_dir, fixture_backends, tmp_path):
+    require_backend(request.param, fixture_backends)
     target = tmp_path / "bundle"
-    shutil.copytree(fixtures_dir / "k0m0-adamw" / "bundle", target)
+    shutil.copytree(fixtures_dir / "k0m0-adamw" / bundle_folder(request.param), target)
     return target
+
+
+def a_graph(bundle, index: int = 1) -> str:
+    return read_bundle(bundle).graphs[GRAPH_ROLES[read_bundle(bundle).backend][index]]
 
 
 def test_a_good_bundle_loads_with_its_initial_trainables(bundle):
@@ -34,8 +42,9 @@ def test_every_file_is_hashed(bundle):
     assert set(manifest.graphs.values()) < on_disk
 
 
-@pytest.mark.parametrize("victim", ["tail_step.onnx", TRAINABLES])
+@pytest.mark.parametrize("victim", ["graph", TRAINABLES])
 def test_a_changed_file_is_refused(bundle, victim):
+    victim = a_graph(bundle) if victim == "graph" else victim
     data = bytearray((bundle / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bundle / victim).write_bytes(bytes(data))
@@ -44,8 +53,9 @@ def test_a_changed_file_is_refused(bundle, victim):
 
 
 def test_a_missing_file_and_a_missing_manifest_are_refused(bundle):
-    (bundle / "front.onnx").unlink()
-    with pytest.raises(BundleError, match="front.onnx is missing"):
+    victim = a_graph(bundle, 0)
+    (bundle / victim).unlink()
+    with pytest.raises(BundleError, match=f"{victim} is missing"):
         open_runtime(bundle)
     (bundle / MANIFEST).unlink()
     with pytest.raises(BundleError, match="is not a client bundle"):
@@ -55,8 +65,7 @@ def test_a_missing_file_and_a_missing_manifest_are_refused(bundle):
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m.update(format_version=99), "format version 99 is not supported"),
     (lambda m: m.update(backend="cuda-magic"), "unknown bundle backend"),
-    (lambda m: m.update(backend="training"), "cannot run 'training' bundles yet"),
-    (lambda m: m["graphs"].pop("local_step"), "names no graph for local_step"),
+    (lambda m: m["graphs"].pop(GRAPH_ROLES[m["backend"]][-1]), "names no graph for"),
     (lambda m: m.pop("trainables"), "manifest is malformed"),
     (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "outside itself"),
 ])
@@ -130,8 +139,36 @@ def test_state_survives_a_restart(bundle, tmp_path):
         restarted.load_state(tmp_path / "state.npz")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime.training") is not None,
+                    reason="needs an environment without onnxruntime-training")
+def test_plain_onnxruntime_refuses_a_training_bundle_clearly(fixtures_dir, fixture_backends):
+    if "training" not in fixture_backends:
+        pytest.skip("no training fixtures were built here")
+    with pytest.raises(BundleError, match="needs the onnxruntime-training-cpu package"):
+        open_runtime(fixtures_dir / "k0m0-adamw" / bundle_folder("training"))
+
+
+def test_a_split_batch_is_smash_tail_then_prompt(fixtures_dir, fixture_backends):
+    """The training backend applies a split batch's update in prompt_step, so it refuses calls out of order."""
+    require_backend("training", fixture_backends)
+    runtime = open_runtime(fixtures_dir / "k0m0-sgd" / bundle_folder("training"))
+    m = runtime.manifest
+    features = np.zeros((2, m.tail_tokens, m.embed_dim), np.float32)
+    grad = np.zeros((m.prompts, m.embed_dim), np.float32)
+    with pytest.raises(BundleError, match="prompt_step without a tail_step"):
+        runtime.prompt_step(grad, 0.1)
+    runtime.tail_step(features, np.array([0, 1]), 0.1)
+    with pytest.raises(BundleError, match="tail_step twice"):
+        runtime.tail_step(features, np.array([0, 1]), 0.1)
+    with pytest.raises(BundleError, match="one learning rate"):
+        runtime.prompt_step(grad, 0.2)
+    runtime.prompt_step(grad, 0.1)
+    assert runtime.optimizer_state()[1] == 1
+
+
 def test_the_device_code_never_imports_torch():
-    code = ("import sys, edge_client.runtime, edge_client.portable, edge_client.round, sfp_common.bundle; "
+    code = ("import sys, edge_client.runtime, edge_client.portable, edge_client.ort_training, edge_client.round, "
+            "edge_client.parity, sfp_common.bundle; "
             "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]; "
             "assert not bad, bad; print('device modules loaded without torch')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
