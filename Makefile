@@ -10,13 +10,13 @@ EDGE_FIXTURES ?= build/edge-fixtures
 ORT_TRAINING_VENV ?= .venv-ort-training
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo compare count bench-device ort-training-env test clean
+.PHONY: setup system-packages backbone demo simulate compare count bench-device ort-training-env test clean
 
-# Debian packages: the Fashion-MNIST files the backbone is pretrained on.
+# Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ ! -x /usr/sbin/mosquitto ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto; \
 	fi
 
 $(BIN)/sfp-sim: setup.cfg pyproject.toml
@@ -32,8 +32,13 @@ $(BACKBONE): | setup
 
 backbone: $(BACKBONE)
 
-# The main job on defaults that fit a laptop: SFPrompt against federated full fine-tuning on MNIST 5k.
+# The product, on this machine: a Mosquitto broker, `sfp-cloud serve`, 4 devices (`sfp-edge`) each with its own
+# non-IID share of MNIST 5k, 5 rounds; progress on screen, a table and a plot in runs/federation-demo/.
 demo: backbone
+	$(BIN)/sfp-cloud demo --devices 4 --rounds 5 --out runs/federation-demo
+
+# The reference federation in one process: SFPrompt against federated full fine-tuning on MNIST 5k.
+simulate: backbone
 	$(BIN)/python bench/compare.py --methods sfprompt,fl --rounds 5 --alpha 0.5 --out runs/demo
 
 # All methods and ablations, 10 clients, Dirichlet 0.5, 10 rounds (the foundation's comparison table).

@@ -246,3 +246,40 @@ def _load_folder(path: Path) -> DatasetSplits:
         _load_images([p for p, _ in train], [y for _, y in train]),
         _load_images([p for p, _ in test], [y for _, y in test]),
     )
+
+
+def load_device_folder(path: str | Path, classes: list[str]) -> DatasetSplits:
+    """A device's own data: `<path>/train/<class>/<images>` and, optionally, `<path>/test/<class>/<images>`.
+
+    Labels are the positions of the folder names in the federation's class list (a device usually holds only
+    some of the classes: that is what non-IID means). Samples are ordered by file name across class folders, so
+    a share written as `<class>/<000123>.png` is read back in the order it was written.
+    """
+    path = Path(path)
+    if not (path / "train").is_dir():
+        raise ConfigError(f"{path} has no train/ folder (expected {path}/train/<class>/<image files>)")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def read(split: Path) -> LabeledImages:
+        files = _class_files(split)
+        unknown = sorted(set(files) - set(index))
+        if unknown:
+            raise ConfigError(f"{split} has class folders the federation does not know: {unknown} "
+                              f"(its classes: {classes})")
+        ordered = sorted((p.name, str(p), index[name]) for name, ps in files.items() for p in ps)
+        return _load_images([Path(p) for _, p, _ in ordered], [y for _, _, y in ordered])
+
+    empty = LabeledImages(np.zeros((0, 1, 1), np.uint8), np.zeros(0, np.int64))
+    test = read(path / "test") if (path / "test").is_dir() else empty
+    return DatasetSplits(path.name or str(path), list(classes), read(path / "train"), test)
+
+
+def write_device_folder(path: str | Path, train: LabeledImages, test: LabeledImages, classes: list[str]) -> Path:
+    """Write a device's share as PNG files `load_device_folder` reads back in the same order (demo, tests)."""
+    path = Path(path)
+    for split, data in (("train", train), ("test", test)):
+        for i, (image, label) in enumerate(zip(data.images, data.labels)):
+            folder = path / split / classes[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    return path

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from export.backbone import create_vit, preprocessing_of, resolve_model
 from export.split import SplitSpec, SplitViT
 from sfp_common.aggregate import fedavg
+from sfp_common.batching import client_seed
 from sfp_common.datasets import load_dataset
 from sfp_common.errors import ConfigError
 from sfp_common.partition import partition, split_local_test
@@ -85,10 +86,6 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(y)
 
 
-def client_seed(seed: int, round_index: int, client: int) -> int:
-    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
-
-
 class Federation:
     """The model, the clients' data and the global state; `run` does the rounds."""
 
@@ -123,8 +120,11 @@ class Federation:
         self.num_classes = len(data.classes)
         self._flops: dict[int, int] = {}
         self.clients: list[ClientData] = []
+        self.train_set = train_set                      # raw images, so a device can be given the same share
+        self.client_indices: list[tuple[np.ndarray, np.ndarray]] = []   # per client: train, local test
         for shard in shards:
             train, test = split_local_test(shard, cfg.test_fraction, self.rng)
+            self.client_indices.append((train, test))
             self.clients.append(ClientData(x_train[train], y_train[train], x_train[test], y_train[test]))
 
     def client_flops(self, num_samples: int) -> int:

@@ -80,3 +80,13 @@ def require_backend(backend: str, built: list[str]) -> None:
         pytest.skip(f"{backend} bundles are tested in their own environment (make test: SFP_DEVICE_ENV={backend})")
     if backend not in built:
         pytest.fail(f"no {backend} fixtures were built: tests/edge/make_fixtures.py needs SFP_ORT_TRAINING_PYTHON")
+
+
+# ----------------------------------------------------------------------------------------------- the broker
+@pytest.fixture(scope="session")
+def broker():
+    """A real Mosquitto on loopback (the OS package; `.ci/run` installs it). Missing, the tests fail: an MQTT test
+    that skips proves nothing."""
+    from cloud_server.broker import LocalBroker
+    with LocalBroker() as url:
+        yield url

@@ -280,3 +280,21 @@ def test_train_test_layout_errors(tmp_path):
     (empty_test_class / "test" / "a").mkdir(parents=True)
     with pytest.raises(ConfigError, match="has no images"):
         load_dataset(str(empty_test_class))
+
+
+def test_a_device_folder_reads_back_in_the_order_written(tmp_path):
+    from sfp_common.datasets import LabeledImages, load_device_folder, write_device_folder
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 8, 8), dtype=np.uint8)
+    labels = np.array([3, 1, 3, 0, 1, 1, 3])
+    classes = [str(i) for i in range(5)]
+    write_device_folder(tmp_path / "d", LabeledImages(images, labels), LabeledImages(images[:2], labels[:2]),
+                        classes)
+    data = load_device_folder(tmp_path / "d", classes)
+    np.testing.assert_array_equal(data.train.images, images)
+    np.testing.assert_array_equal(data.train.labels, labels)
+    assert len(data.test) == 2 and data.classes == classes
+    with pytest.raises(ConfigError, match="does not know"):
+        load_device_folder(tmp_path / "d", ["0", "1"])
+    with pytest.raises(ConfigError, match="no train/ folder"):
+        load_device_folder(tmp_path, classes)

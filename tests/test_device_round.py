@@ -13,7 +13,8 @@ from export.split import SplitSpec, SplitViT
 from sfp_common.aggregate import fedavg
 from sfp_common.bundle import OptimizerSpec
 from simulation.accounting import decode, encode
-from simulation.engine import Federation, SimConfig, client_seed, state_of
+from sfp_common.batching import client_seed
+from simulation.engine import Federation, SimConfig, state_of
 from simulation.methods import TrainConfig
 
 

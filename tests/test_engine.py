@@ -49,7 +49,8 @@ def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
 
     replay = Federation(config(digits_checkpoint, clients=3, fraction=1.0))
     uploads, counts = [], []
-    from simulation.engine import client_seed, load_state
+    from sfp_common.batching import client_seed
+    from simulation.engine import load_state
     for c in range(3):
         load_state(replay.client_params, start)
         gen = np.random.default_rng(client_seed(7, 1, c))

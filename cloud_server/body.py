@@ -1,0 +1,231 @@
+"""The server's half of split training: the frozen ViT body, serving many devices at once.
+
+`BodyCompute` is the arithmetic, on the best torch device there is. A forward runs without autograd, batched
+across every request waiting; the tokens are kept, and a backward recomputes the forward with autograd for the
+requests that arrived together, then backpropagates the devices' dL/dfeatures. Recomputing costs one more body
+forward per batch, and in exchange no autograd graph waits in memory on a network round trip (64 devices x a
+ViT-B graph each would not fit a GPU's memory for long).
+
+`BodyWorker` puts it on the broker: forwards come through an MQTT 5 shared subscription (any worker of the group
+takes one), the reply names the worker, and the device sends its backward to that worker's own topic. A second
+worker process adds capacity with nothing else changed.
+
+What crosses is what the reference federation's meter sends (simulation/methods.py `split_step`, traffic
+"ours"): tokens up and features down in the device's wire dtype, dL/dfeatures up and the prompt gradient (summed
+over the batch, no head blocks) or dL/dtokens down in fp32.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from export.split import SplitViT
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link
+from wire_protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def best_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class BodyCompute:
+    def __init__(self, model: SplitViT, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device) if device is not None else best_device()
+        self.dtype = dtype
+        self.blocks = model.body.to(self.device).eval()
+        for p in self.blocks.parameters():
+            p.requires_grad_(False)
+        self.pooled = model.tail.pooled_positions
+        self.first_prompt = model.head.num_prefix_tokens
+        self.prompts = model.spec.prompts
+        self.prompt_gradient_only = model.spec.head_blocks == 0
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.blocks(tokens)
+        return out[:, self.pooled(out.shape[1])].float()
+
+    def forward(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Features for each request's tokens, computed as one batch."""
+        sizes = [len(b) for b in batches]
+        with torch.no_grad():
+            x = torch.from_numpy(np.concatenate(batches)).to(self.device)
+            out = self._run(x).cpu().numpy()
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    def backward(self, batches: list[np.ndarray], dfeatures: list[np.ndarray]) -> list[np.ndarray]:
+        """Each request's gradient for the device: dL/dprompts [P, D] summed over its batch, or dL/dtokens."""
+        sizes = [len(b) for b in batches]
+        x = torch.from_numpy(np.concatenate(batches)).to(self.device).requires_grad_(True)
+        upstream = torch.from_numpy(np.concatenate(dfeatures)).to(self.device)
+        self._run(x).backward(upstream)
+        grads = np.split(x.grad.cpu().numpy(), np.cumsum(sizes)[:-1])
+        if self.prompt_gradient_only:
+            first, count = self.first_prompt, self.prompts
+            return [g[:, first:first + count].sum(axis=0) for g in grads]
+        return grads
+
+
+@dataclass
+class _Request:
+    kind: str          # forward | backward
+    message: Message
+    tokens: np.ndarray | None = None
+
+
+class BodyWorker:
+    """Serves forward/backward requests from the broker until `stop()`; one compute thread, batching what waits."""
+
+    def __init__(self, link: Link, topics: Topics, compute: BodyCompute, worker_id: str, num_tokens: int,
+                 embed_dim: int, max_batch_requests: int = 64, window_s: float = 0.002,
+                 max_kept: int = 4096) -> None:
+        self.link, self.topics, self.compute, self.worker_id = link, topics, compute, worker_id
+        self.num_tokens, self.embed_dim = num_tokens, embed_dim
+        self.max_batch_requests, self.window_s, self.max_kept = max_batch_requests, window_s, max_kept
+        self.queue: queue.Queue[_Request | None] = queue.Queue()
+        self.kept: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()   # (device, round, seq) -> tokens
+        self.served = {"forward": 0, "backward": 0, "samples": 0, "batches": 0, "errors": 0}
+        self._thread = threading.Thread(target=self._loop, name=f"body-{worker_id}", daemon=True)
+        self._published, self._dirty = 0.0, False
+
+    def start(self) -> BodyWorker:
+        self.link.subscribe(self.topics.shared_forward(), self._on_forward)
+        self.link.subscribe(self.topics.worker_backward(self.worker_id), self._on_backward)
+        self._thread.start()
+        self.publish_status()
+        return self
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self._thread.join(10)
+        self.publish_status("stopped")
+
+    # ----------------------------------------------------------------------------- network thread: check, queue
+    def _claimed_by_topic(self, topic: str, message: Message) -> bool:
+        if self.topics.device_of(topic) != message.device:
+            self.link.refuse(topic, f"device id {message.device!r} does not match the topic", "forged")
+            return False
+        return True
+
+    def _on_forward(self, topic: str, message: Message) -> None:
+        if not self._claimed_by_topic(topic, message):
+            return
+        tokens = message.tensors.get("tokens")
+        if message.type != "forward" or tokens is None or tokens.ndim != 3 or tokens.shape[1:] != (
+                self.num_tokens, self.embed_dim) or len(tokens) == 0:
+            self._error(message, f"a forward needs tokens [B, {self.num_tokens}, {self.embed_dim}]")
+            return
+        self.queue.put(_Request("forward", message, tokens))
+
+    def _on_backward(self, topic: str, message: Message) -> None:
+        if not self._claimed_by_topic(topic, message):
+            return
+        if message.type != "backward" or "dfeatures" not in message.tensors:
+            self._error(message, "a backward needs dfeatures")
+            return
+        self.queue.put(_Request("backward", message))
+
+    def _error(self, message: Message, reason: str) -> None:
+        self.served["errors"] += 1
+        self.link.refuse(self.topics.forward(message.device), reason, "bad request")
+        self.link.send(self.topics.down(message.device, "error"),
+                       Message("error", message.device, message.round, message.seq, {"reason": reason}))
+
+    # ----------------------------------------------------------------------------- compute thread
+    def _loop(self) -> None:
+        pending: list[_Request] = []
+        while True:
+            first = pending.pop(0) if pending else self._next()
+            if first is None:
+                return
+            group, deadline = [first], time.monotonic() + self.window_s
+            while len(group) < self.max_batch_requests:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)
+                    break
+                (group if item.kind == first.kind else pending).append(item)
+            try:
+                self._forward(group) if first.kind == "forward" else self._backward(group)
+            except Exception as err:   # a bad batch must not stop the worker
+                log.exception("body worker %s: a %s batch failed", self.worker_id, first.kind)
+                for r in group:
+                    self._error(r.message, f"the body failed: {type(err).__name__}: {err}")
+
+    def _next(self) -> _Request | None:
+        """The next request; while idle, the status is brought up to date."""
+        while True:
+            try:
+                return self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._dirty:
+                    self.publish_status()
+
+    def _forward(self, group: list[_Request]) -> None:
+        features = self.compute.forward([r.tokens for r in group])
+        for r, f in zip(group, features):
+            m = r.message
+            if not m.meta.get("evaluate"):        # evaluation batches have no backward
+                self.kept[(m.device, m.round, m.seq)] = r.tokens
+            wire = m.wires.get("tokens", "fp32")
+            self.link.send(self.topics.down(m.device, "features"),
+                           Message("features", m.device, m.round, m.seq, {"worker": self.worker_id},
+                                   {"features": f}, {"features": wire}))
+        while len(self.kept) > self.max_kept:
+            self.kept.popitem(last=False)
+        self._count("forward", group)
+
+    def _backward(self, group: list[_Request]) -> None:
+        ready, tokens = [], []
+        for r in group:
+            m = r.message
+            kept = self.kept.pop((m.device, m.round, m.seq), None)
+            expected = None if kept is None else (len(kept), *self._feature_shape())
+            if kept is None or m.tensors["dfeatures"].shape != expected:
+                self._error(m, "no forward is waiting for this backward" if kept is None else
+                            f"dfeatures must be {list(expected)}, got {list(m.tensors['dfeatures'].shape)}")
+                continue
+            ready.append(r)
+            tokens.append(kept)
+        if not ready:
+            return
+        grads = self.compute.backward(tokens, [r.message.tensors["dfeatures"] for r in ready])
+        for r, g in zip(ready, grads):
+            m = r.message
+            self.link.send(self.topics.down(m.device, "gradient"),
+                           Message("gradient", m.device, m.round, m.seq, {"worker": self.worker_id},
+                                   {"gradient": g}))
+        self._count("backward", ready)
+
+    def _feature_shape(self) -> tuple[int, int]:
+        return len(range(self.num_tokens)[self.compute.pooled(self.num_tokens)]), self.embed_dim
+
+    def _count(self, kind: str, group: list) -> None:
+        self.served[kind] += len(group)
+        self.served["batches"] += 1
+        if kind == "forward":
+            self.served["samples"] += sum(len(r.tokens) for r in group)
+        self._dirty = True
+        if time.monotonic() - self._published > 5.0:
+            self.publish_status()
+
+    def publish_status(self, state: str = "online") -> None:
+        """Retained: what this worker has served (dashboards, `sfp-cloud fleet`)."""
+        self._published, self._dirty = time.monotonic(), False
+        self.link.publish_json(self.topics.worker_status(self.worker_id),
+                               {"worker": self.worker_id, "state": state, "device": str(self.compute.device),
+                                **self.served, "updated": round(time.time(), 3)}, retain=True)

@@ -1,0 +1,222 @@
+"""`sfp-cloud serve` (the coordinator and a body worker), `sfp-cloud worker` (more body capacity) and
+`sfp-cloud fleet` (the fleet's retained status as a table)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from export.cli import split_options
+from sfp_common.cli import configure_logging, run_cli
+from sfp_common.errors import ConfigError
+
+log = logging.getLogger("sfp-cloud")
+
+
+def model_options(f):
+    f = click.option("--seed", default=0, help="Seeds the prompts and classifier, and the rounds' batch orders.")(f)
+    f = click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")(f)
+    f = click.option("--img-size", type=int, default=None, help="Input size, if not the model's own.")(f)
+    f = click.option("--classes", required=True,
+                     help="The task's classes: a count N (named 0..N-1) or comma-separated names.")(f)
+    f = click.option("--model", required=True, help="A timm model name or a checkpoint file (see sfp-pretrain).")(f)
+    f = split_options(f)
+    f = click.option("--federation", default="demo", help="The federation's id (its topic subtree).")(f)
+    f = click.option("--broker", required=True, help="mqtt://host[:port] (mqtts:// for TLS).")(f)
+    return f
+
+
+def body_options(f):
+    f = click.option("--body-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
+                     help="The body's compute precision (bf16: autocast on the accelerator).")(f)
+    f = click.option("--device", "torch_device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1.")(f)
+    return f
+
+
+def class_names(classes: str) -> tuple[str, ...]:
+    if classes.isdigit():
+        return tuple(str(i) for i in range(int(classes)))
+    names = tuple(c.strip() for c in classes.split(",") if c.strip())
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError(f"--classes needs a count or at least two distinct names, got {classes!r}")
+    return names
+
+
+def start_worker(broker: str, federation: str, model, worker_id: str, torch_device: str, body_dtype: str,
+                 max_packet: int):
+    """A body worker on its own connection, serving until the process ends."""
+    import torch
+
+    from cloud_server.body import BodyCompute, BodyWorker
+    from export.onnx_graphs import image_shape
+    from wire_protocol.link import Link
+    from wire_protocol.topics import Topics
+    compute = BodyCompute(model, None if torch_device == "auto" else torch_device,
+                          torch.bfloat16 if body_dtype == "bf16" else torch.float32)
+    with torch.no_grad():
+        num_tokens, dim = model.head(torch.zeros(1, *image_shape(model))).shape[1:]
+    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet).connect()
+    worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim).start()
+    log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
+    return worker
+
+
+@click.group()
+def main() -> None:
+    """The cloud side of a split federated prompt tuning federation."""
+    configure_logging()
+
+
+@main.command(context_settings={"show_default": True})
+@model_options
+@body_options
+@click.option("--token", envvar="SFP_ENROLL_TOKEN", required=True, help="The enrollment token devices must give.")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Registry, bundles, checkpoints and round summaries (resumed from on restart).")
+@click.option("--rounds", default=5)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
+@click.option("--lr", type=float, default=3e-3)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--momentum", type=float, default=0.9)
+@click.option("--epochs", default=1, help="Passes of split training over the kept samples per round.")
+@click.option("--local-loss-epochs", default=1)
+@click.option("--keep", type=float, default=0.5, help="EL2N keep fraction.")
+@click.option("--fraction", type=float, default=1.0, help="Share of the online devices selected per round.")
+@click.option("--min-devices", default=1, help="Devices online before a round starts.")
+@click.option("--deadline", type=float, default=600.0, help="Seconds a round waits for its devices.")
+@click.option("--no-device-eval", is_flag=True, help="Skip the devices' evaluation of each new global model.")
+@click.option("--backends", default="portable", help="Bundles exported at start (others on first enrollment).")
+@click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
+              help="For training-backend bundles: a Python with onnxruntime-training.")
+@click.option("--workers", default=1, help="Body workers in this process (0: run them with `sfp-cloud worker`).")
+@click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
+@click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
+def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
+          torch_device, body_dtype, token, state_dir, rounds, optimizer, lr, weight_decay, momentum, epochs,
+          local_loss_epochs, keep, fraction, min_devices, deadline, no_device_eval, backends, training_python,
+          workers, max_packet, metrics_port) -> None:
+    """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body."""
+    from cloud_server.coordinator import Coordinator, FederationConfig
+    from cloud_server.metrics import Metrics
+    from export.split import SplitSpec
+    from sfp_common.bundle import OptimizerSpec
+
+    def job() -> None:
+        cfg = FederationConfig(
+            federation=federation, model=model, classes=class_names(classes), enroll_token=token,
+            state_dir=state_dir, split=SplitSpec(prompts, head_blocks, tail_blocks),
+            optimizer=OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum), img_size=img_size,
+            pretrained=not random_init, seed=seed, rounds=rounds, lr=lr, epochs=epochs,
+            local_loss_epochs=local_loss_epochs, keep=keep, fraction=fraction, min_devices=min_devices,
+            round_deadline_s=deadline, evaluate_on_devices=not no_device_eval,
+            backends=tuple(b for b in backends.split(",") if b), training_python=training_python)
+        metrics = Metrics()
+        if metrics_port:
+            metrics.serve(metrics_port)
+        coordinator = Coordinator(cfg, broker, metrics, on_round=lambda s: log.info("round %s: %s", s["round"],
+                                                                                     json.dumps(s)),
+                                  max_packet=max_packet).start()
+        bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
+                               body_dtype, max_packet) for i in range(workers)]
+        log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)
+        try:
+            coordinator.run()
+        finally:
+            for body in bodies:
+                body.stop()
+            coordinator.close()
+    run_cli(job)
+
+
+@main.command(context_settings={"show_default": True})
+@model_options
+@body_options
+@click.option("--worker-id", default=None, help="Unique per worker [default: host name and process id].")
+@click.option("--max-packet", default=1 << 20)
+def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
+           torch_device, body_dtype, worker_id, max_packet) -> None:
+    """An extra body worker: takes forward requests from the shared subscription until stopped."""
+    from export.backbone import resolve_model
+    from export.bundle import client_model
+    from export.split import SplitSpec
+
+    def job() -> None:
+        split, _ = client_model(resolve_model(model), len(class_names(classes)),
+                                SplitSpec(prompts, head_blocks, tail_blocks), img_size, not random_init, seed)
+        name = worker_id or f"{os.uname().nodename}-{os.getpid()}"
+        body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet)
+        try:
+            threading.Event().wait()
+        finally:
+            body.stop()
+    run_cli(job)
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/federation-demo"))
+@click.option("--model", default="models/vit-fmnist.pth", help="The backbone (make backbone pretrains it).")
+@click.option("--devices", default=4)
+@click.option("--rounds", default=5)
+@click.option("--alpha", type=float, default=0.5, help="Dirichlet label skew of the devices' shares.")
+@click.option("--lr", type=float, default=3e-2, help="SFPrompt's learning rate in the reference federation.")
+@click.option("--epochs", default=3, help="Passes of split training per round.")
+@click.option("--prompts", default=10)
+@click.option("--profile", default="auto", help="The devices' firmware profile.")
+@click.option("--seed", default=0)
+def demo(out, model, devices, rounds, alpha, lr, epochs, prompts, profile, seed) -> None:
+    """A whole federation here: broker, server and device processes, progress, a table and a plot."""
+    from cloud_server.demo import run_demo
+    run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, lr, epochs, prompts, profile, click.echo))
+
+
+@main.command()
+@click.option("--broker", required=True)
+@click.option("--federation", default="demo")
+@click.option("--wait", type=float, default=1.0, help="Seconds to collect the retained messages.")
+def fleet(broker, federation, wait) -> None:
+    """Print the fleet's status, as retained in the broker."""
+    from wire_protocol.link import Link
+    from wire_protocol.topics import Topics
+
+    def job() -> None:
+        topics, seen = Topics(federation), {}
+        link = Link(broker, f"fleet-{os.getpid()}").connect()
+        link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
+        time.sleep(wait)
+        link.close()
+        click.echo(format_fleet(topics, seen))
+    run_cli(job)
+
+
+def format_fleet(topics, seen: dict) -> str:
+    server = seen.get(topics.server_status(), {})
+    lines = [f"server: {server.get('state', 'unknown')}, round {server.get('round')}/{server.get('rounds')}, "
+             f"{server.get('enrolled', 0)} enrolled, {server.get('online', 0)} online", "",
+             f"{'device':<16} {'state':<8} {'activity':<15} {'round':>5} {'samples':>7} {'profile':<16} "
+             f"{'MB sent':>8} {'MB recv':>8} {'last seen':>9}"]
+    now = time.time()
+    for topic in sorted(t for t in seen if t.endswith("/status") and "/devices/" in t):
+        s = seen[topic]
+        ago = f"{now - s['last_seen']:.0f}s ago" if s.get("last_seen") else "-"
+        lines.append(f"{s.get('device', '?'):<16} {s.get('state', '?'):<8} {s.get('activity', '?'):<15} "
+                     f"{str(s.get('round') or '-'):>5} {s.get('samples', 0):>7} {s.get('profile', '?'):<16} "
+                     f"{s.get('bytes_sent', 0) / 1e6:>8.2f} {s.get('bytes_received', 0) / 1e6:>8.2f} {ago:>9}")
+    rounds = sorted((t, v) for t, v in seen.items() if "/rounds/" in t)
+    if rounds:
+        lines += ["", f"{'round':>5} {'participants':>12} {'accuracy':>8} {'KB up/dev':>10} {'KB down/dev':>11} "
+                      f"{'seconds':>8}"]
+        for _, r in rounds:
+            acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
+            lines.append(f"{r['round']:>5} {len(r.get('participants', [])):>12} {acc:>8} "
+                         f"{r.get('payload_up', 0) / 1e3:>10.1f} {r.get('payload_down', 0) / 1e3:>11.1f} "
+                         f"{r.get('seconds', 0):>8.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""The federation's coordinator: enrollment, rounds, FedAvg, checkpoints, evaluation, and the fleet's status.
+
+A round: select online enrolled devices; send each the global prompts and tail with its plan (learning rate,
+its profile's batch size, epochs, EL2N keep fraction, its batch-order seed); wait until every selected device has
+answered, gone offline, or the deadline passed; FedAvg what arrived, weighted by sample counts; checkpoint; then
+optionally ask the online devices to evaluate the new global model on their local test data. The round's summary
+is retained in the broker and appended to `rounds.jsonl`.
+
+Enrollment runs on its own thread (exporting a bundle takes seconds), rounds on another; the MQTT thread only
+checks and queues. Any message that fails a check is refused with a reason and counted; none stops the server.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import queue
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_client.profiles import Profile
+from edge_client.round import RoundPlan
+from export.bundle import client_model, export_bundle
+from export.backbone import resolve_model
+from export.split import SplitSpec
+from sfp_common.aggregate import fedavg
+from sfp_common.batching import client_seed
+from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, check_trainables, read_bundle
+from sfp_common.errors import ConfigError
+from cloud_server.metrics import Metrics
+from cloud_server.registry import Registry
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link
+from wire_protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    federation: str
+    model: str                          # timm name or checkpoint
+    classes: tuple[str, ...]
+    enroll_token: str
+    state_dir: Path
+    split: SplitSpec = field(default_factory=SplitSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    img_size: int | None = None
+    pretrained: bool = True
+    seed: int = 0
+    rounds: int = 5
+    lr: float = 3e-3
+    epochs: int = 1
+    local_loss_epochs: int = 1
+    keep: float = 0.5
+    prune: bool = True
+    local_update: bool = True
+    fraction: float = 1.0
+    min_devices: int = 1
+    round_deadline_s: float = 600.0
+    evaluate_on_devices: bool = True
+    backends: tuple[str, ...] = ("portable",)     # exported at start; others on first enrollment
+    training_python: str | None = None
+
+
+def archive(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+class Coordinator:
+    def __init__(self, cfg: FederationConfig, broker: str, metrics: Metrics | None = None,
+                 on_round: Callable[[dict], None] | None = None, max_packet: int = 1 << 20) -> None:
+        self.cfg, self.metrics, self.on_round = cfg, metrics or Metrics(), on_round
+        self.topics = Topics(cfg.federation)
+        self.registry = Registry(cfg.state_dir)
+        source = resolve_model(cfg.model)
+        self.model_id = source.label
+        self.model, self.preprocessing = client_model(source, len(cfg.classes), cfg.split, cfg.img_size,
+                                                      cfg.pretrained, cfg.seed)
+        self.bundles: dict[str, tuple[Manifest, bytes]] = {}
+        for backend in cfg.backends:
+            self.bundle(backend)
+        resumed = self.registry.load_checkpoint()
+        self.next_round = 1
+        self.global_state = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()
+                             if n in self.manifest().trainable_names()}
+        if resumed is not None:
+            done, state = resumed
+            check_trainables(self.manifest(), state, "the checkpoint")
+            self.next_round, self.global_state = done + 1, state
+            log.info("resuming after round %d", done)
+        self.online: dict[str, dict] = {}
+        self.updates: queue.Queue[Message] = queue.Queue()
+        self.enrollments: queue.Queue[Message | None] = queue.Queue()
+        self.stop = threading.Event()
+        self.status: dict[str, Any] = {"state": "starting", "federation": cfg.federation, "round": None,
+                                       "rounds": cfg.rounds, "model": self.model_id}
+        self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
+                         will=(self.topics.server_status(), {**self.status, "state": "offline"}),
+                         on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc())
+
+    # ----------------------------------------------------------------------------------------- bundles
+    def bundle(self, backend: str) -> tuple[Manifest, bytes]:
+        """The checked bundle for a backend (exported once into the state folder) and its archive."""
+        if backend not in self.bundles:
+            folder = self.cfg.state_dir / "bundles" / backend
+            try:
+                manifest = read_bundle(folder) if folder.exists() else None
+            except BundleError:
+                manifest = None
+            if manifest is None:
+                log.info("exporting the %s bundle (checked against PyTorch)", backend)
+                shutil.rmtree(folder, ignore_errors=True)
+                manifest, _ = export_bundle(self.model, self.preprocessing, folder, self.model_id,
+                                            self.cfg.optimizer, backend=backend,
+                                            training_python=self.cfg.training_python)
+            self.bundles[backend] = (manifest, archive(folder))
+        return self.bundles[backend]
+
+    def manifest(self) -> Manifest:
+        return next(iter(self.bundles.values()))[0] if self.bundles else self.bundle("portable")[0]
+
+    # ----------------------------------------------------------------------------------------- MQTT thread
+    def start(self) -> Coordinator:
+        self.link.connect()
+        self.link.subscribe(self.topics.all_up(), self._on_up)
+        self.link.subscribe_json(self.topics.all_status(), self._on_status)
+        threading.Thread(target=self._enroll_loop, name="enrollment", daemon=True).start()
+        self.publish_status(state="waiting for devices")
+        return self
+
+    def _on_up(self, topic: str, message: Message) -> None:
+        device = self.topics.device_of(topic)
+        if device != message.device:
+            self.link.refuse(topic, f"device id {message.device!r} does not match the topic", "forged")
+            return
+        if message.type == "enroll":
+            self.enrollments.put(message)
+        elif message.type in ("update", "report"):
+            if self.registry.get(device) is None:
+                self.link.refuse(topic, f"unknown device {device!r}", "unknown device")
+                return
+            self.updates.put(message)
+        else:
+            self.link.refuse(topic, f"a device does not send {message.type!r} messages", "unexpected type")
+
+    def _on_status(self, topic: str, value: Any) -> None:
+        device = self.topics.device_of(topic)
+        if device is None or not isinstance(value, dict):
+            return
+        if value.get("state") == "online":
+            self.online[device] = value
+        else:
+            self.online.pop(device, None)
+        self.metrics.online.set(len(self.online_enrolled()))
+
+    def online_enrolled(self) -> list[str]:
+        return sorted(d for d in list(self.online) if self.registry.get(d) is not None)
+
+    def publish_status(self, **changes: Any) -> None:
+        self.status.update(changes, enrolled=len(self.registry.devices), online=len(self.online_enrolled()),
+                           updated=round(time.time(), 3))
+        self.link.publish_json(self.topics.server_status(), self.status, retain=True)
+
+    # ----------------------------------------------------------------------------------------- enrollment
+    def _enroll_loop(self) -> None:
+        while True:
+            message = self.enrollments.get()
+            if message is None:
+                return
+            try:
+                self._enroll(message)
+            except Exception as err:    # one bad enrollment never stops the server
+                log.exception("enrollment of %s failed", message.device)
+                self._refuse_enrollment(message.device, f"the server could not enroll the device: {err}")
+
+    def _refuse_enrollment(self, device: str, reason: str) -> None:
+        self.link.refuse(self.topics.up(device, "enroll"), reason, "enrollment")
+        self.link.send(self.topics.down(device, "refused"), Message("refused", device, meta={"reason": reason}))
+
+    def _enroll(self, message: Message) -> None:
+        meta, device = message.meta, message.device
+        if not hmac.compare_digest(str(meta.get("token", "")), self.cfg.enroll_token):
+            self._refuse_enrollment(device, "wrong enrollment token")
+            return
+        try:
+            profile = Profile(**{**meta["profile"], "providers": tuple(meta["profile"]["providers"])})
+            num_samples = int(meta["num_samples"])
+            classes = [str(c) for c in meta.get("classes", [])]
+        except (KeyError, TypeError, ValueError) as err:
+            self._refuse_enrollment(device, f"malformed enrollment: {err}")
+            return
+        unknown = sorted(set(classes) - set(self.cfg.classes))
+        if unknown or num_samples < 1:
+            self._refuse_enrollment(device, f"data classes {unknown} are not the federation's {list(self.cfg.classes)}"
+                                    if unknown else "no training samples")
+            return
+        if profile.max_head_blocks < self.cfg.split.head_blocks:
+            self._refuse_enrollment(device, f"profile {profile.name} runs at most {profile.max_head_blocks} head "
+                                    f"blocks; this federation's split needs {self.cfg.split.head_blocks}")
+            return
+        _, data = self.bundle(profile.backend)
+        entry = self.registry.enroll(device, profile.as_dict(), dict(meta.get("hardware", {})), num_samples,
+                                     profile.backend)
+        self.link.send(self.topics.down(device, "enrolled"), Message(
+            "enrolled", device, meta={"classes": list(self.cfg.classes), "index": entry.index,
+                                      "federation": self.cfg.federation},
+            tensors={"bundle": np.frombuffer(data, np.uint8)}, wires={"bundle": "bytes"}))
+        self.metrics.enrolled.set(len(self.registry.devices))
+        log.info("enrolled %s (index %d, %s, %d samples)", device, entry.index, profile.name, num_samples)
+        self.publish_status()
+
+    # ----------------------------------------------------------------------------------------- rounds
+    def plan(self, device: str, round_index: int) -> RoundPlan:
+        entry = self.registry.get(device)
+        return RoundPlan(lr=self.cfg.lr, batch_size=int(entry.profile["batch_size"]), epochs=self.cfg.epochs,
+                         local_loss_epochs=self.cfg.local_loss_epochs, keep=self.cfg.keep, prune=self.cfg.prune,
+                         local_update=self.cfg.local_update, seed=client_seed(self.cfg.seed, round_index, entry.index))
+
+    def select(self, round_index: int) -> list[str]:
+        online = self.online_enrolled()
+        count = max(1, round(self.cfg.fraction * len(online)))
+        rng = np.random.default_rng([self.cfg.seed, round_index])
+        return sorted(rng.choice(online, size=min(count, len(online)), replace=False).tolist())
+
+    def run(self) -> None:
+        """Rounds until the configured number is done or `stop` is set."""
+        while self.next_round <= self.cfg.rounds and not self.stop.is_set():
+            if len(self.online_enrolled()) < self.cfg.min_devices:
+                self.publish_status(state="waiting for devices", round=self.next_round)
+                self.stop.wait(0.5)
+                continue
+            self.run_round(self.next_round)
+        self.publish_status(state="finished" if self.next_round > self.cfg.rounds else "stopped")
+
+    def _collect(self, wanted: set[str], round_index: int, kind: str, deadline: float) -> dict[str, Message]:
+        """The messages of `kind` for this round from the wanted devices, until all are in, the rest went
+        offline, or the deadline passed. Duplicates and other rounds' messages are ignored (idempotent)."""
+        got: dict[str, Message] = {}
+        while wanted - set(got) and time.monotonic() < deadline and not self.stop.is_set():
+            if not (wanted - set(got)) & set(self.online):
+                break                                     # everyone still missing is offline
+            try:
+                message = self.updates.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            topic = self.topics.up(message.device, message.type)
+            if message.round != round_index or message.device not in wanted or message.device in got:
+                if message.round != round_index:
+                    self.link.refuse(topic, f"a message for round {message.round} during round {round_index}", "stale")
+                continue
+            if message.type == "report" and "aborted" in message.meta:
+                log.warning("%s aborted round %d: %s", message.device, round_index, message.meta["aborted"])
+                wanted = wanted - {message.device}
+                continue
+            if message.type != kind:
+                continue
+            if kind == "update":
+                try:
+                    check_trainables(self.manifest(), message.tensors, f"update from {message.device}")
+                    if int(message.meta["num_samples"]) < 1:
+                        raise ValueError("num_samples < 1")
+                except (BundleError, KeyError, TypeError, ValueError) as err:
+                    self.link.refuse(topic, str(err), "bad update")
+                    continue
+            got[message.device] = message
+        return got
+
+    def run_round(self, round_index: int) -> dict:
+        start = time.time()
+        selected = self.select(round_index)
+        self.publish_status(state="training", round=round_index, participants=selected)
+        for device in selected:
+            plan = self.plan(device, round_index)
+            self.link.send(self.topics.down(device, "round"), Message(
+                "round", device, round_index, meta={"train": True, "plan": plan.__dict__},
+                tensors=self.global_state))
+        deadline = time.monotonic() + self.cfg.round_deadline_s
+        updates = self._collect(set(selected), round_index, "update", deadline)
+        summary: dict[str, Any] = {"round": round_index, "selected": selected, "participants": sorted(updates)}
+        if updates:
+            ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
+            self.global_state = fedavg([m.tensors for m in ordered], [int(m.meta["num_samples"]) for m in ordered])
+            self.metrics.updates.inc(len(ordered))
+            summary.update(
+                train_loss=float(np.mean([m.meta.get("loss", np.nan) for m in ordered])),
+                kept_samples=float(np.mean([m.meta.get("kept", 0) for m in ordered])),
+                payload_up=float(np.mean([m.meta.get("payload_up", 0) for m in ordered])),
+                payload_down=float(np.mean([m.meta.get("payload_down", 0) for m in ordered])))
+        if self.cfg.evaluate_on_devices and updates:
+            summary.update(self.evaluate_on_devices(round_index))
+        summary["seconds"] = round(time.time() - start, 3)
+        self.registry.save_checkpoint(round_index, self.global_state, summary)
+        self.link.publish_json(self.topics.round_summary(round_index), summary, retain=True)
+        self.metrics.rounds.inc()
+        self.metrics.round_seconds.set(summary["seconds"])
+        if summary.get("accuracy") is not None:
+            self.metrics.accuracy.labels("devices").set(summary["accuracy"])
+        self.metrics.bytes_received.set(self.link.traffic.received)
+        self.next_round = round_index + 1
+        self.publish_status(state="round done", round=round_index, last_round=summary)
+        if self.on_round:
+            self.on_round(summary)
+        return summary
+
+    def evaluate_on_devices(self, round_index: int) -> dict:
+        """The new global model on each online device's local test data (through the body): sample-weighted."""
+        devices = self.online_enrolled()
+        for device in devices:
+            self.link.send(self.topics.down(device, "round"), Message(
+                "round", device, round_index, meta={"train": False}, tensors=self.global_state))
+        reports = self._collect(set(devices), round_index, "report", time.monotonic() + self.cfg.round_deadline_s)
+        correct = sum(int(m.meta.get("correct", 0)) for m in reports.values())
+        samples = sum(int(m.meta.get("samples", 0)) for m in reports.values())
+        return {"accuracy": correct / samples if samples else None, "evaluated_on": samples,
+                "evaluated_by": sorted(reports)}
+
+    def close(self) -> None:
+        self.stop.set()
+        self.enrollments.put(None)
+        self.status["state"] = "offline"
+        self.link.close(final=[(self.topics.server_status(), self.status)])
+

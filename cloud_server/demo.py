@@ -1,0 +1,157 @@
+"""`sfp-cloud demo`: a whole federation on this machine, as it runs for real, one process per part.
+
+A Mosquitto broker on loopback; `sfp-cloud serve` (coordinator + body worker); N devices, each enrolled with
+`sfp-edge enroll` on its own non-IID share of MNIST 5k (Dirichlet label skew, written as image folders) and run
+with `sfp-edge run`. Progress comes from the broker (the round summaries the server retains); at the end the
+fleet table, `rounds.md`, `rounds.json` and `federation.png` (accuracy and bytes per round) land in the output
+folder. The backbone is the in-house ViT pretrained on Fashion-MNIST (`sfp-pretrain`), fine-tuned on MNIST.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cloud_server.broker import LocalBroker
+from cloud_server.cli import format_fleet
+from sfp_common.datasets import load_dataset, write_device_folder
+from sfp_common.errors import ConfigError
+from sfp_common.partition import partition, split_local_test
+from wire_protocol.link import Link
+from wire_protocol.topics import Topics
+
+TOKEN = "demo-enrollment-token"
+FEDERATION = "demo"
+
+
+def write_shares(out: Path, devices: int, alpha: float | None, seed: int) -> tuple[list[Path], list[str]]:
+    """Each device's own share of MNIST 5k's training set, with a local test split, as image folders."""
+    data = load_dataset("mnist5k")
+    rng = np.random.default_rng(seed)
+    folders = []
+    for i, shard in enumerate(partition(data.train.labels, devices, alpha, rng)):
+        train, test = split_local_test(shard, 0.2, rng)
+        folders.append(write_device_folder(out / f"device-{i}" / "data", data.train.subset(train),
+                                           data.train.subset(test), data.classes))
+    return folders, data.classes
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rounds = [r["round"] for r in rows]
+    fig, (acc, traffic) = plt.subplots(1, 2, figsize=(10, 4))
+    acc.plot(rounds, [r.get("accuracy") or np.nan for r in rows], marker="o")
+    acc.set(xlabel="round", ylabel="accuracy (devices' local test data)", title="Accuracy of the global model")
+    acc.grid(alpha=0.3)
+    traffic.bar(np.array(rounds) - 0.2, [r.get("payload_up", 0) / 1e6 for r in rows], 0.4, label="up")
+    traffic.bar(np.array(rounds) + 0.2, [r.get("payload_down", 0) / 1e6 for r in rows], 0.4, label="down")
+    traffic.set(xlabel="round", ylabel="MB per device", title="Tensor bytes per device and round")
+    traffic.legend()
+    traffic.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rounds_table(rows: list[dict]) -> str:
+    lines = ["| round | devices | accuracy | loss | KB up / device | KB down / device | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
+        lines.append(f"| {r['round']} | {len(r['participants'])} | {acc} | {r.get('train_loss', float('nan')):.4f} | "
+                     f"{r.get('payload_up', 0) / 1e3:.1f} | {r.get('payload_down', 0) / 1e3:.1f} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | None, seed: int, lr: float,
+             epochs: int, prompts: int, profile: str, say: Callable[[str], None] = print) -> list[dict]:
+    if not Path(model).is_file():
+        raise ConfigError(f"backbone {model} not found: pretrain it with `make backbone` (sfp-pretrain)")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    say(f"writing {devices} non-IID shares of MNIST 5k (Dirichlet alpha={alpha})")
+    shares, classes = write_shares(out, devices, alpha, seed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFP_LOG": "WARNING"}
+    procs: list[subprocess.Popen] = []
+
+    def spawn(name: str, args: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=open(out / f"{name}.log", "w"),
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    broker = LocalBroker(log=out / "broker.log")
+    url = broker.start()
+    say(f"broker: Mosquitto at {url}")
+    summaries: queue.Queue[dict] = queue.Queue()
+    watcher = Link(url, "demo-watcher").connect()
+    topics = Topics(FEDERATION)
+    watcher.subscribe_json(f"{topics.base}/rounds/+", lambda topic, value: summaries.put(value))
+    try:
+        server = spawn("server", ["cloud_server.cli", "serve", "--broker", url, "--federation", FEDERATION,
+                                  "--model", model, "--classes", ",".join(classes), "--prompts", str(prompts),
+                                  "--token", TOKEN, "--state", str(out / "server"), "--rounds", str(rounds),
+                                  "--lr", str(lr), "--epochs", str(epochs), "--seed", str(seed),
+                                  "--min-devices", str(devices),
+                                  "--deadline", "900"])
+        say("server: exporting the device bundle (checked against PyTorch), starting the body worker")
+        for i, share in enumerate(shares):
+            enrolled = subprocess.run(
+                [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", url, "--token", TOKEN, "--profile",
+                 profile, "--data", str(share), "--federation", FEDERATION, "--device-id", f"device-{i}",
+                 "--state", str(out / f"device-{i}" / "state"), "--timeout", "600"],
+                env=env, capture_output=True, text=True)
+            if enrolled.returncode != 0:
+                raise ConfigError(f"device-{i} could not enroll: {enrolled.stderr.strip()}")
+            say(f"device-{i}: {enrolled.stdout.strip()}")
+            spawn(f"device-{i}", ["edge_client.cli", "run", "--state", str(out / f"device-{i}" / "state")])
+        rows: list[dict] = []
+        while len(rows) < rounds:
+            try:
+                row = summaries.get(timeout=1.0)
+            except queue.Empty:
+                if server.poll() is not None:
+                    raise ConfigError(f"the server stopped early; see {out / 'server.log'}") from None
+                continue
+            rows.append(row)
+            acc = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "-"
+            say(f"round {row['round']}/{rounds}: {len(row['participants'])} devices, accuracy {acc}, "
+                f"{row.get('payload_up', 0) / 1e3:.1f} KB up + {row.get('payload_down', 0) / 1e3:.1f} KB down "
+                f"per device, {row['seconds']:.1f} s")
+        server.wait(60)
+        seen: dict = {}
+        watcher.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
+        time.sleep(1.0)
+        fleet = format_fleet(topics, seen)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        watcher.close()
+        broker.stop()
+    rows.sort(key=lambda r: r["round"])
+    (out / "rounds.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "rounds.md").write_text(rounds_table(rows))
+    plot(rows, out / "federation.png")
+    say("")
+    say(fleet)
+    say("")
+    say(rounds_table(rows))
+    say(f"{devices} devices, {rounds} rounds in {time.time() - start:.0f} s; table, JSON and federation.png in {out}")
+    return rows

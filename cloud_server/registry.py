@@ -1,0 +1,91 @@
+"""The enrolled devices and the global state, kept in the server's state folder so a restart loses nothing.
+
+`registry.json`: every enrolled device with its stable index (its order of enrollment: the batch-order seed of a
+device is derived from it, as the reference federation derives a client's from the client's index), profile,
+hardware facts and sample count. `checkpoint.npz`: the global prompts and tail after the last completed round,
+and that round's number. `rounds.jsonl`: one summary per completed round. Every write is atomic.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfp_common.errors import ConfigError
+
+
+@dataclass
+class Device:
+    id: str
+    index: int
+    profile: dict
+    hardware: dict
+    num_samples: int
+    backend: str
+    enrolled_at: float = field(default_factory=time.time)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class Registry:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.devices: dict[str, Device] = {}
+        path = self.folder / "registry.json"
+        if path.exists():
+            try:
+                self.devices = {d["id"]: Device(**d) for d in json.loads(path.read_text())["devices"]}
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"{path} is malformed: {err}") from None
+
+    def enroll(self, device: str, profile: dict, hardware: dict, num_samples: int, backend: str) -> Device:
+        """Add a device, or update one enrolling again (it keeps its index)."""
+        with self.lock:
+            known = self.devices.get(device)
+            index = known.index if known else len(self.devices)
+            self.devices[device] = Device(device, index, profile, hardware, num_samples, backend)
+            self._save()
+            return self.devices[device]
+
+    def _save(self) -> None:
+        devices = [asdict(d) for d in sorted(self.devices.values(), key=lambda d: d.index)]
+        _write_atomic(self.folder / "registry.json", (json.dumps({"devices": devices}, indent=1) + "\n").encode())
+
+    def get(self, device: str) -> Device | None:
+        with self.lock:
+            return self.devices.get(device)
+
+    # ------------------------------------------------------------------ global state
+    def save_checkpoint(self, round_index: int, state: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+        path = self.folder / "checkpoint.npz"
+        tmp = path.with_name("checkpoint.tmp.npz")
+        np.savez(tmp, __round__=np.array(round_index), **state)
+        tmp.replace(path)
+        with open(self.folder / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+
+    def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        path = self.folder / "checkpoint.npz"
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                state = {k: npz[k] for k in npz.files if k != "__round__"}
+                return int(npz["__round__"]), state
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"checkpoint {path} cannot be read: {err}") from None
+
+    def summaries(self) -> list[dict]:
+        path = self.folder / "rounds.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

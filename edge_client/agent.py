@@ -1,0 +1,283 @@
+"""A device in the federation: enrollment (the bundle arrives over MQTT and is verified), then rounds until
+stopped, with its status retained in the broker for any dashboard.
+
+The device's state folder holds `device.json` (who it is, where the broker is, its profile and data folder) and
+`bundle/` (the verified client bundle). That is all a restart needs: the global state comes with every round.
+Images and labels never leave the device; what goes up is smashed tokens, dL/dfeatures, the trained prompts and
+tail, sample counts and accuracies.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import queue
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_client.profiles import Profile
+from edge_client.remote_body import RemoteBody, RoundAborted
+from edge_client.round import RoundPlan, run_round
+from edge_client.runtime import ClientRuntime, open_runtime
+from sfp_common.bundle import BundleError, read_bundle
+from sfp_common.datasets import load_device_folder
+from sfp_common.errors import ConfigError
+from sfp_common.preprocess import preprocess
+from wire_protocol.codec import encoded_bytes
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link, LinkError
+from wire_protocol.topics import Topics, check_name
+
+log = logging.getLogger(__name__)
+CONFIG = "device.json"
+BUNDLE = "bundle"
+
+
+@dataclass
+class DeviceConfig:
+    federation: str
+    device: str
+    broker: str
+    profile: dict
+    data: str
+    classes: list[str]
+    num_samples: int
+
+    @property
+    def settings(self) -> Profile:
+        return Profile(**{**self.profile, "providers": tuple(self.profile["providers"])})
+
+    def save(self, state: Path) -> None:
+        tmp = state / (CONFIG + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(state / CONFIG)
+
+    @classmethod
+    def load(cls, state: Path) -> DeviceConfig:
+        try:
+            return cls(**json.loads((state / CONFIG).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"{state} holds no enrolled device: run `sfp-edge enroll` first") from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{state / CONFIG} is malformed: {err}") from None
+
+
+def hardware_facts() -> dict[str, Any]:
+    """What the server may know about the device (never its data)."""
+    facts: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+                             "python": platform.python_version()}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        facts["memory_mb"] = int(pages * size / 2**20)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import onnxruntime
+        facts["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def count_training_samples(data: str) -> tuple[int, list[str]]:
+    """Sample count and class folder names of a device data folder, without reading the images."""
+    train = Path(data) / "train"
+    if not train.is_dir():
+        raise ConfigError(f"{data} has no train/ folder (expected {data}/train/<class>/<image files>)")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    count = sum(1 for c in classes for f in (train / c).iterdir() if f.is_file() and not f.name.startswith("."))
+    if count == 0:
+        raise ConfigError(f"{train} holds no images")
+    return count, classes
+
+
+def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, device: str, federation: str,
+           timeout: float = 300.0) -> DeviceConfig:
+    """Register with the server, receive and verify the bundle, and keep both in `state`."""
+    check_name("device", device)
+    topics = Topics(federation)
+    num_samples, classes = count_training_samples(data)
+    replies: queue.Queue[Message] = queue.Queue()
+    server: dict[str, Any] = {}
+    link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet).connect()
+    request = Message("enroll", device, meta={"token": token, "profile": profile.as_dict(),
+                                              "hardware": hardware_facts(), "num_samples": num_samples,
+                                              "classes": classes})
+    try:
+        link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
+        link.subscribe_json(topics.server_status(), lambda topic, value: server.update(value))
+        deadline, sent = time.monotonic() + timeout, None
+        while True:
+            # Ask once the server's retained status says it is up, and again every 15 s (a server that was
+            # still starting, or restarted, never saw the first request; enrolling twice is harmless).
+            if server.get("state") not in (None, "offline", "starting") and (
+                    sent is None or time.monotonic() - sent > 15):
+                link.send(topics.up(device, "enroll"), request)
+                sent = time.monotonic()
+            try:
+                reply = replies.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"no answer to the enrollment within {timeout:.0f} s: is `sfp-cloud serve` "
+                                      f"running for federation {federation!r}?") from None
+                continue
+            if reply.type == "refused":
+                raise ConfigError(f"enrollment refused: {reply.meta.get('reason')}")
+            if reply.type == "enrolled":
+                break
+    finally:
+        link.close()
+    state.mkdir(parents=True, exist_ok=True)
+    install_bundle(bytes(reply.tensors["bundle"]), state / BUNDLE)
+    config = DeviceConfig(federation, device, broker, profile.as_dict(), str(Path(data).resolve()),
+                          list(reply.meta["classes"]), num_samples)
+    config.save(state)
+    return config
+
+
+def install_bundle(archive: bytes, target: Path) -> None:
+    """Unpack a bundle archive next to `target`, verify every hash, then swap it in."""
+    staging = target.with_name(target.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        read_bundle(staging)
+    except (tarfile.TarError, OSError, BundleError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BundleError(f"the bundle received is not valid: {err}") from None
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+class DeviceAgent:
+    """Takes part in rounds until `stop` is set; restartable from its state folder."""
+
+    def __init__(self, state: Path, stop: threading.Event | None = None, round_timeout_s: float = 120.0) -> None:
+        self.state = Path(state)
+        self.config = DeviceConfig.load(self.state)
+        self.profile = self.config.settings
+        self.stop = stop or threading.Event()
+        self.topics = Topics(self.config.federation)
+        self.runtime: ClientRuntime = open_runtime(self.state / BUNDLE, threads=self.profile.threads,
+                                                   providers=list(self.profile.providers))
+        data = load_device_folder(self.config.data, self.config.classes)
+        prep = self.runtime.manifest.preprocessing
+        self.x_train, self.y_train = preprocess(data.train.images, prep), data.train.labels
+        self.x_test, self.y_test = (preprocess(data.test.images, prep), data.test.labels) if len(data.test) else (
+            None, None)
+        self.rounds: queue.Queue[Message] = queue.Queue()
+        self.status: dict[str, Any] = {"device": self.config.device, "state": "online", "activity": "idle",
+                                       "round": None, "samples": int(len(self.y_train)),
+                                       "profile": self.profile.name, "backend": self.runtime.manifest.backend,
+                                       "bytes_sent": 0, "bytes_received": 0, "last_seen": None}
+        self.link = Link(self.config.broker, self.config.device, max_packet=self.profile.max_packet,
+                         keepalive=self.profile.keepalive,
+                         will=(self.topics.device_status(self.config.device),
+                               {**self.status, "state": "offline", "activity": "disconnected"}))
+        self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s)
+
+    # ------------------------------------------------------------------------------------------ status
+    def publish_status(self, **changes: Any) -> None:
+        self.status.update(changes)
+        self.status.update(last_seen=round(time.time(), 3), bytes_sent=self.link.traffic.sent,
+                           bytes_received=self.link.traffic.received)
+        self.link.publish_json(self.topics.device_status(self.config.device), self.status, retain=True)
+
+    # ------------------------------------------------------------------------------------------ messages
+    def _on_down(self, topic: str, message: Message) -> None:
+        if message.device != self.config.device:
+            self.link.refuse(topic, f"addressed to {message.device!r}", "forged")
+        elif message.type == "round":
+            self.rounds.put(message)
+        elif message.type in ("features", "gradient", "error"):
+            self.remote.deliver(message)
+
+    # ------------------------------------------------------------------------------------------ main loop
+    def run(self, heartbeat_s: float = 10.0) -> None:
+        try:
+            self.link.connect()
+        except LinkError as err:
+            raise ConfigError(str(err)) from None
+        self.link.subscribe(self.topics.device_down(self.config.device), self._on_down)
+        self.publish_status(state="online", activity="idle")
+        last = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                try:
+                    message = self.rounds.get(timeout=0.2)
+                except queue.Empty:
+                    if time.monotonic() - last > heartbeat_s:
+                        self.publish_status()
+                        last = time.monotonic()
+                    continue
+                self.handle_round(message)
+                last = time.monotonic()
+        finally:
+            self.status.update(state="offline", activity="stopped")
+            self.link.close(final=[(self.topics.device_status(self.config.device), self.status)])
+
+    def handle_round(self, message: Message) -> None:
+        """One round's work: train and upload, or evaluate and report. A failed round is reported, not fatal."""
+        index = message.round
+        try:
+            self.runtime.load_trainables(message.tensors)
+        except BundleError as err:
+            self.link.refuse(self.topics.down(self.config.device, "round"), str(err), "bad round")
+            return
+        self.remote.begin(index)
+        start, sent0, received0 = time.time(), self.link.traffic.payload_sent, \
+            self.link.traffic.payload_received - message.payload_bytes
+        try:
+            if message.meta.get("train", True):
+                self._train(message, index, start, sent0, received0)
+            else:
+                self._evaluate(index)
+        except RoundAborted as err:
+            log.warning("%s: round %d aborted: %s", self.config.device, index, err)
+            self.link.send(self.topics.up(self.config.device, "report"),
+                           Message("report", self.config.device, index, meta={"aborted": str(err)}))
+        self.publish_status(activity="idle")
+
+    def _train(self, message: Message, index: int, start: float, sent0: int, received0: int) -> None:
+        """Run the round, upload; the last round's tensor bytes (and all bytes sent) go into the status."""
+        plan = RoundPlan(**message.meta["plan"])
+        sent_raw0 = self.link.traffic.sent
+        self.publish_status(activity="starting", round=index)
+        result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote,
+                           on_phase=lambda phase: self.publish_status(activity=phase))
+        self.publish_status(activity="uploading")
+        mqtt0 = self.link.traffic.sent - sent_raw0
+        up = self.link.traffic.payload_sent - sent0 + sum(encoded_bytes(v.shape, "fp32")
+                                                          for v in result.upload.values())
+        down = self.link.traffic.payload_received - received0
+        mqtt_up = self.link.send(self.topics.up(self.config.device, "update"), Message(
+            "update", self.config.device, index,
+            meta={"num_samples": result.num_samples, "kept": result.kept,
+                  "loss": result.loss_sum / max(1, result.kept), "payload_up": up, "payload_down": down,
+                  "seconds": round(time.time() - start, 3)},
+            tensors=result.upload)) + mqtt0
+        self.status["last_round"] = {"round": index, "payload_up": up, "payload_down": down,
+                                     "mqtt_up": mqtt_up}
+
+    def _evaluate(self, index: int) -> None:
+        self.publish_status(activity="evaluating", round=index)
+        correct, total = 0, 0
+        if self.x_test is not None:
+            batch = self.profile.batch_size
+            for i in range(0, len(self.y_test), batch):
+                features = self.remote.forward(self.runtime.smash(self.x_test[i:i + batch]), evaluate=True)
+                logits = self.runtime.tail_logits(features)
+                correct += int((logits.argmax(axis=1) == self.y_test[i:i + batch]).sum())
+                total += len(logits)
+        self.link.send(self.topics.up(self.config.device, "report"), Message(
+            "report", self.config.device, index,
+            meta={"correct": correct, "samples": total, "accuracy": correct / total if total else None}))

@@ -1,0 +1,88 @@
+"""Firmware profiles: what a class of device decides about taking part (firmware_profiles/*.json), and which
+class this device is (`--profile auto`)."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from sfp_common.bundle import BACKENDS
+from sfp_common.errors import ConfigError
+from wire_protocol.codec import FLOAT_WIRES
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    backend: str                  # portable | training
+    providers: tuple[str, ...]    # ONNX Runtime execution providers, in order of preference
+    threads: int
+    batch_size: int               # the device's batch for pruning, local update and split training
+    max_head_blocks: int          # the deepest head this device can run; the federation's split must fit
+    wire: str                     # smashed tokens and features: fp32 | fp16 | bf16 | int8
+    max_packet: int               # MQTT packet limit: larger messages are chunked
+    keepalive: int
+    match: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("firmware_profiles").iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A profile by name (firmware_profiles/<name>.json), by path to a JSON file, or `auto`."""
+    if name_or_path == "auto":
+        name_or_path = detect()
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        text = path.read_text()
+    elif name_or_path in available():
+        text = resources.files("firmware_profiles").joinpath(f"{name_or_path}.json").read_text()
+    else:
+        raise ConfigError(f"unknown profile {name_or_path!r}; choose one of {', '.join(available())}, auto, "
+                          "or a .json file")
+    try:
+        raw = json.loads(text)
+        profile = Profile(**{**raw, "providers": tuple(raw["providers"])})
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"profile {name_or_path} is malformed: {err}") from None
+    if profile.backend not in BACKENDS or profile.wire not in FLOAT_WIRES or profile.threads < 1 \
+            or profile.batch_size < 1 or profile.max_head_blocks < 0 or profile.max_packet < 4096:
+        raise ConfigError(f"profile {profile.name} has values out of range: {profile}")
+    return profile
+
+
+def detect(root: str = "/") -> str:
+    """The profile whose `match` fits this machine: the device-tree model (Raspberry Pi, Jetson), the Tegra
+    release file (Jetson), or the CPU architecture; x86 when nothing more specific matches."""
+    base = Path(root)
+    try:
+        model = (base / "proc/device-tree/model").read_bytes().decode(errors="replace").strip("\0\n ")
+    except OSError:
+        model = ""
+    tegra = (base / "etc/nv_tegra_release").exists()
+    machine = platform.machine()
+    best = None
+    for name in available():
+        match = load_profile(name).match
+        if not match:
+            continue
+        if "device_tree_model" in match and match["device_tree_model"] not in model:
+            continue
+        if match.get("tegra") and not tegra:
+            continue
+        if "machine" in match and match["machine"] != machine:
+            continue
+        specificity = len(match)
+        if best is None or specificity > best[0]:
+            best = (specificity, name)
+    if best is None:
+        raise ConfigError(f"no profile matches this device (model {model!r}, machine {machine}); pass "
+                          f"--profile with one of {', '.join(available())}")
+    return best[1]

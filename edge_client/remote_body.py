@@ -1,0 +1,71 @@
+"""The server's body, seen from a device: the two split-training calls of `edge_client.round` over the broker.
+
+`forward` publishes the smashed tokens (in the federation's wire dtype) to the shared body topic, where any body
+worker may take them, and waits for the features; the reply names the worker, and `backward` sends dL/dfeatures
+to that worker and waits for the gradient. Replies are matched by (round, sequence number); a stale or duplicate
+reply is dropped, an error reply or a timeout aborts the round.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link
+from wire_protocol.topics import Topics
+
+
+class RoundAborted(RuntimeError):
+    """The server could not serve a split batch; the device drops this round and waits for the next."""
+
+
+class RemoteBody:
+    def __init__(self, link: Link, topics: Topics, device: str, wire: str, timeout_s: float = 60.0) -> None:
+        self.link, self.topics, self.device, self.wire, self.timeout_s = link, topics, device, wire, timeout_s
+        self.replies: queue.Queue[Message] = queue.Queue()
+        self.round, self.seq, self.worker = 0, 0, None
+        self._lock = threading.Lock()
+
+    def deliver(self, message: Message) -> None:
+        """Called by the agent for features, gradient and error messages on the device's down topics."""
+        self.replies.put(message)
+
+    def begin(self, round_index: int) -> None:
+        with self._lock:
+            self.round = round_index
+        while not self.replies.empty():
+            self.replies.get_nowait()
+
+    def forward(self, tokens: np.ndarray, evaluate: bool = False) -> np.ndarray:
+        self.seq += 1
+        self.link.send(self.topics.forward(self.device),
+                       Message("forward", self.device, self.round, self.seq, {"evaluate": evaluate},
+                               {"tokens": tokens}, {"tokens": self.wire}))
+        reply = self._wait("features")
+        self.worker = reply.meta.get("worker")
+        return reply.tensors["features"]
+
+    def backward(self, dfeatures: np.ndarray) -> np.ndarray:
+        if not isinstance(self.worker, str):
+            raise RoundAborted("the features did not say which body worker to send the backward to")
+        self.link.send(self.topics.backward(self.worker, self.device),
+                       Message("backward", self.device, self.round, self.seq, {}, {"dfeatures": dfeatures}))
+        return self._wait("gradient").tensors["gradient"]
+
+    def _wait(self, kind: str) -> Message:
+        while True:
+            try:
+                reply = self.replies.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise RoundAborted(f"no {kind} from the server within {self.timeout_s:.0f} s") from None
+            if (reply.round, reply.seq) != (self.round, self.seq):
+                continue                      # late or duplicated reply to an earlier request
+            if reply.type == "error":
+                raise RoundAborted(f"the server refused the request: {reply.meta.get('reason')}")
+            if reply.type != kind:
+                continue
+            if kind not in reply.tensors:
+                raise RoundAborted(f"the {kind} reply carries no {kind} tensor")
+            return reply

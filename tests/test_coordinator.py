@@ -1,0 +1,105 @@
+"""The coordinator on a real broker, fed bad input: every message is refused with its reason (to the device when
+it can be answered, always in the log and the metrics) and the server goes on enrolling and serving."""
+import json
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cloud_server.coordinator import Coordinator, FederationConfig
+from edge_client.profiles import load_profile
+from export.split import SplitSpec
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link, wait_for
+from wire_protocol.topics import Topics
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, broker):
+    """One coordinator for the module (exporting its bundle takes seconds); the tests use their own device ids."""
+    cfg = FederationConfig(federation="coord", model="vit_tiny_patch16_224", classes=tuple(str(i) for i in range(10)),
+                           enroll_token="right", state_dir=tmp_path_factory.mktemp("coord") / "state",
+                           split=SplitSpec(2, 1, 0), img_size=16, pretrained=False)
+    coordinator = Coordinator(cfg, broker).start()
+    yield coordinator
+    coordinator.close()
+
+
+def enroll_request(device, token="right", profile=None, classes=("1", "2"), samples=10):
+    return Message("enroll", device, meta={"token": token, "profile": profile or load_profile("x86").as_dict(),
+                                           "num_samples": samples, "classes": list(classes), "hardware": {}})
+
+
+def ask(link, topics, device, message, kind=None):
+    replies = queue.Queue()
+    link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
+    time.sleep(0.2)
+    link.send(topics.up(device, message.type), message)
+    return replies.get(timeout=30)
+
+
+def test_bad_enrollments_are_refused_with_reasons_and_a_good_one_then_succeeds(server, broker):
+    topics, link = Topics("coord"), Link(broker, "attacker").connect()
+    small = {**load_profile("raspberry-pi-4").as_dict()}           # runs no head blocks; the split has one
+    for device, message, reason in [
+        ("d1", enroll_request("d1", token="wrong"), "wrong enrollment token"),
+        ("d2", enroll_request("d2", profile=small), "at most 0 head blocks"),
+        ("d3", enroll_request("d3", classes=("1", "cat")), "are not the federation's"),
+        ("d4", enroll_request("d4", profile={"name": "half"}), "malformed enrollment"),
+        ("d5", enroll_request("d5", samples=0), "no training samples"),
+    ]:
+        reply = ask(link, topics, device, message)
+        assert reply.type == "refused" and reason in reply.meta["reason"], (device, reply.meta)
+    assert not {"d1", "d2", "d3", "d4", "d5"} & set(server.registry.devices)
+    reply = ask(link, topics, "good", enroll_request("good"))
+    assert reply.type == "enrolled" and len(reply.tensors["bundle"]) > 1000
+    assert server.registry.get("good").index == reply.meta["index"]
+    link.close()
+
+
+def test_forged_garbled_and_misplaced_messages_are_refused_and_counted(server, broker):
+    topics, link = Topics("coord"), Link(broker, "attacker2").connect()
+    before = sum(server.link.refused.values())
+    link.client.publish(topics.up("x", "update"), b"\x00garbage", qos=1)                  # not a message
+    link.send(topics.up("x", "update"), Message("update", "someone-else"))                  # id != topic
+    link.send(topics.up("nobody", "update"), Message("update", "nobody", 1))                # not enrolled
+    link.send(topics.up("x", "features"), Message("features", "x"))                         # not a device's type
+    assert wait_for(lambda: sum(server.link.refused.values()) - before == 4, 10), server.link.refused
+    reasons = " | ".join(reason for _, reason in server.link.recent_refusals)
+    for expected in ("bad magic", "does not match the topic", "unknown device", "does not send"):
+        assert expected in reasons, reasons
+    assert ask(link, topics, "after", enroll_request("after")).type == "enrolled"       # still serving
+    link.close()
+
+
+def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, broker):
+    topics, link = Topics("coord"), Link(broker, "dev-link").connect()
+    assert ask(link, topics, "dev", enroll_request("dev")).type == "enrolled"
+    link.publish_json(topics.device_status("dev"), {"device": "dev", "state": "online"}, retain=True)
+    assert wait_for(lambda: server.online_enrolled() == ["dev"], 5)
+    good = {k: v + 0.5 for k, v in server.global_state.items()}
+    bad = {**good, "head.prompts": np.zeros((3, 3), np.float32)}
+    rounds = queue.Queue()
+    link.subscribe(topics.down("dev", "round"), lambda topic, m: rounds.put(m))
+    time.sleep(0.2)
+    done = {}
+    threading.Thread(target=lambda: done.update(server.run_round(1)), daemon=True).start()
+    plan = rounds.get(timeout=10)
+    assert plan.meta["train"] and plan.meta["plan"]["batch_size"] == load_profile("x86").batch_size
+    link.send(topics.up("dev", "update"), Message("update", "dev", 7, meta={"num_samples": 5}, tensors=good))  # stale
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, meta={"num_samples": 5}, tensors=bad))
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, meta={"num_samples": 5}, tensors=good))
+    evaluation = rounds.get(timeout=10)
+    assert evaluation.meta["train"] is False
+    link.send(topics.up("dev", "report"), Message("report", "dev", 1, meta={"correct": 3, "samples": 4}))
+    assert wait_for(lambda: bool(done), 10)
+    assert done["participants"] == ["dev"] and done["accuracy"] == 0.75
+    for name, value in good.items():
+        np.testing.assert_array_equal(server.global_state[name], value)     # FedAvg of one update is that update
+    reasons = " | ".join(reason for _, reason in server.link.recent_refusals)
+    assert "round 7 during round 1" in reasons and "head.prompts is float32[3, 3]" in reasons
+    summary = json.loads((server.cfg.state_dir / "rounds.jsonl").read_text().splitlines()[-1])
+    assert summary["round"] == 1
+    link.close()

@@ -1,0 +1,216 @@
+"""The federation over a real Mosquitto, as separate processes: `sfp-cloud serve`, body workers, and devices
+enrolled with `sfp-edge enroll` and running `sfp-edge run`. It must give the in-process reference federation's
+numbers: the same global prompts and tail after every round, and per device exactly the reference's tensor bytes
+(the envelope's overhead on top, measured)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from export.backbone import save_checkpoint
+from export.split import SplitSpec
+from sfp_common.datasets import write_device_folder
+from simulation.engine import Federation, SimConfig, state_of
+from simulation.methods import TrainConfig
+from wire_protocol.link import Link, wait_for
+from wire_protocol.topics import Topics
+
+TOKEN = "test-token"
+DEVICES = 3
+ROUNDS = 2
+TRAIN = TrainConfig(lr=3e-3, optimizer="adamw", batch_size=16, epochs=1, weight_decay=0.01, wire="fp16")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny digits ViT checkpoint, the reference federation's run, and each client's share as a data folder."""
+    root = tmp_path_factory.mktemp("federation")
+    kwargs = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kwargs)
+    cfg_dict = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
+                "num_classes": 10}
+    checkpoint = str(save_checkpoint(vit, root / "tiny.pth", "vit_tiny_patch16_224", kwargs, cfg_dict))
+    cfg = SimConfig(method="sfprompt", dataset="digits", model=checkpoint, clients=DEVICES, rounds=ROUNDS,
+                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), train=TRAIN, train_samples=300)
+    fed = Federation(cfg)
+    initial = state_of(fed.client_params)
+    reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
+    shares = []
+    for c, (train, test) in enumerate(fed.client_indices):
+        shares.append(write_device_folder(root / f"data-{c}", fed.train_set.subset(train),
+                                          fed.train_set.subset(test), [str(i) for i in range(10)]))
+    return {"root": root, "checkpoint": checkpoint, "initial": initial, "reference": reference,
+            "final": state_of(fed.client_params), "shares": shares, "classes": fed.train_set}
+
+
+def profile_file(folder: Path, backend: str, batch_size: int = TRAIN.batch_size) -> Path:
+    """The devices' profile: the reference's batch size and wire dtype, a small packet limit (chunking on)."""
+    path = folder / f"profile-{backend}-{batch_size}.json"
+    path.write_text(json.dumps({
+        "name": f"test-{backend}", "description": "test device", "match": {}, "backend": backend,
+        "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": batch_size, "max_head_blocks": 0,
+        "wire": TRAIN.wire, "max_packet": 16384, "keepalive": 5}))
+    return path
+
+
+def device_python(backend: str) -> str:
+    return os.environ["SFP_ORT_TRAINING_PYTHON"] if backend == "training" else sys.executable
+
+
+def backends() -> list[str]:
+    """Device 2 on the training backend when its environment is there (`make test` provides it)."""
+    training = os.environ.get("SFP_ORT_TRAINING_PYTHON")
+    return ["portable", "portable", "training" if training and Path(training).exists() else "portable"]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFP_LOG": "WARNING"}
+
+
+class Run:
+    """One federation: the server (with `workers` body workers in all), the devices; everything torn down."""
+
+    def __init__(self, setup: dict, broker: str, name: str, workers: int = 1, rounds: int = ROUNDS,
+                 batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES) -> None:
+        self.setup, self.broker, self.name = setup, broker, name
+        self.folder = setup["root"] / name
+        self.folder.mkdir()
+        self.procs: list[subprocess.Popen] = []
+        model = ["--model", setup["checkpoint"], "--classes", "10", "--prompts", "2", "--seed", "7",
+                 "--federation", name, "--broker", broker]
+        self.server = self.spawn("server", [sys.executable, "-m", "cloud_server.cli", "serve", *model,
+                                            "--token", TOKEN, "--state", str(self.folder / "server"),
+                                            "--rounds", str(rounds), "--optimizer", "adamw", "--lr", str(TRAIN.lr),
+                                            "--weight-decay", str(TRAIN.weight_decay), "--epochs", "1",
+                                            "--keep", str(TRAIN.keep), "--min-devices", str(DEVICES),
+                                            "--deadline", "60", "--max-packet", "16384",
+                                            "--backends", ",".join(sorted(set(backends())))])
+        for w in range(workers - 1):
+            self.spawn(f"worker{w}", [sys.executable, "-m", "cloud_server.cli", "worker", *model,
+                                      "--worker-id", f"extra{w}", "--max-packet", "16384"])
+        self.devices = []
+        for c, backend in enumerate(backends()):
+            state = self.folder / f"device-{c}"
+            enrolled = subprocess.run(
+                [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, "--token", TOKEN,
+                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c])), "--data", str(setup["shares"][c]),
+                 "--federation", name, "--device-id", f"dev-{c}", "--state", str(state), "--timeout", "120"],
+                env=ENV, capture_output=True, text=True, timeout=180)
+            assert enrolled.returncode == 0, enrolled.stderr
+            self.devices.append(self.spawn(f"device{c}", [device_python(backend), "-m", "edge_client.cli", "run",
+                                                          "--state", str(state)]))
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        proc = subprocess.Popen(args, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.folder.glob("*.log")))
+
+    def finish(self, timeout: float = 300) -> list[dict]:
+        try:
+            self.server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not finish its rounds:\n{self.logs()}")
+        assert self.server.returncode == 0, self.logs()
+        return [json.loads(line) for line in (self.folder / "server" / "rounds.jsonl").read_text().splitlines()]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def global_state(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / "server" / "checkpoint.npz") as npz:
+        return {k: npz[k] for k in npz.files if k != "__round__"}
+
+
+def worst_error(got: dict, want: dict) -> float:
+    assert set(got) == set(want)
+    return max(float(np.abs(got[k] - v).max() / np.abs(v).max()) for k, v in want.items())
+
+
+def retained(broker: str, topic: str) -> dict:
+    seen = {}
+    link = Link(broker, f"probe-{time.time_ns()}").connect()
+    link.subscribe_json(topic, lambda t, v: seen.__setitem__(t, v))
+    wait_for(lambda: bool(seen), 3)
+    time.sleep(0.3)                   # the rest of the retained burst
+    link.close()
+    return seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
+    run = Run(setup, broker, f"fed-w{workers}", workers)
+    try:
+        summaries = run.finish()
+        final = global_state(run.folder)
+        error = worst_error(final, setup["final"])
+        print(f"{workers} body worker(s), devices on {backends()}: worst relative error of the global prompts and "
+              f"tail after {ROUNDS} rounds {error:.1e}")
+        assert error <= 1e-4, run.logs()
+        assert worst_error(setup["initial"], setup["final"]) > 1e-3       # training did move them
+        for summary, ref in zip(summaries, setup["reference"]):
+            assert summary["participants"] == [f"dev-{c}" for c in range(DEVICES)]
+            assert summary["kept_samples"] == ref["kept_samples"]
+            # the tensors' bytes: exactly the reference meter's (mean per device), up and down
+            assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
+            assert summary["accuracy"] is not None and summary["evaluated_on"] > 0
+        served = retained(broker, Topics(run.name).worker_status("+"))
+        assert len(served) == workers and all(w["forward"] > 0 and w["backward"] > 0 for w in served.values())
+        statuses = retained(broker, Topics(run.name).all_status())
+        last = [s["last_round"] for s in statuses.values()]
+        assert len(last) == DEVICES and all(r["round"] == ROUNDS for r in last)
+        # each device's own count, averaged as the reference averages its clients' meters
+        assert np.mean([r["payload_up"] for r in last]) == setup["reference"][-1]["bytes_up"]
+        assert np.mean([r["payload_down"] for r in last]) == setup["reference"][-1]["bytes_down"]
+        overhead = max(r["mqtt_up"] / r["payload_up"] - 1 for r in last)
+        print(f"round {ROUNDS}, tensor bytes up per device {sorted(r['payload_up'] for r in last)} (mean = the "
+              f"reference meter's), down {sorted(r['payload_down'] for r in last)}; envelopes and chunk headers "
+              f"add at most {overhead:.1%} to what goes up")
+        assert 0 < overhead < 0.5
+    finally:
+        run.close()
+    statuses = retained(broker, Topics(run.name).all_status())
+    assert {s["state"] for s in statuses.values()} == {"offline"}      # a clean stop says so
+
+
+def test_a_device_killed_mid_round_shows_offline_and_the_round_completes_without_it(setup, broker):
+    name, seen = "fed-kill", {}
+    watcher = Link(broker, "watch-kill").connect()
+    watcher.subscribe_json(Topics(name).all_status(), lambda topic, value: seen.__setitem__(value["device"], value))
+    run = Run(setup, broker, name, rounds=1, batch_sizes=(16, 2, 16))     # dev-1's round takes a while
+    try:
+        assert wait_for(lambda: seen.get("dev-1", {}).get("round") == 1, 120), run.logs()
+        killed_during = seen["dev-1"]["activity"]
+        run.devices[1].kill()                 # SIGKILL: no goodbye; the broker publishes its Last Will
+        assert killed_during in ("starting", "pruning", "local update", "split training")
+        assert wait_for(lambda: seen["dev-1"]["state"] == "offline", 10), seen["dev-1"]
+        assert seen["dev-1"]["activity"] == "disconnected"
+        (summary,) = run.finish(120)
+        assert summary["selected"] == ["dev-0", "dev-1", "dev-2"]
+        assert summary["participants"] == ["dev-0", "dev-2"], summary
+        print(f"dev-1 killed during '{killed_during}': status offline, round 1 aggregated from "
+              f"{summary['participants']} in {summary['seconds']} s")
+    finally:
+        run.close()
+        watcher.close()

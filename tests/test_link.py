@@ -1,0 +1,99 @@
+"""The protocol over a real Mosquitto: large messages chunked below the packet limit arrive whole and counted,
+bad packets are refused without hurting the connection, and presence follows the Last Will."""
+import queue
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from wire_protocol.envelope import Message
+from wire_protocol.link import Link, LinkError, parse_broker, wait_for
+from wire_protocol.topics import Topics
+
+
+@pytest.fixture
+def pair(broker):
+    a = Link(broker, "test-a", max_packet=256 << 10).connect()
+    b = Link(broker, "test-b", max_packet=256 << 10).connect()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_large_message_arrives_whole_and_both_sides_count_the_same_bytes(pair):
+    a, b = pair
+    got = queue.Queue()
+    b.subscribe("t/big/+", lambda topic, m: got.put((topic, m)))
+    time.sleep(0.2)
+    x = np.random.default_rng(0).standard_normal((5, 1000, 256)).astype(np.float32)    # 5.1 MB, 20 chunks
+    sent = a.send("t/big/1", Message("update", "test-a", 2, 9, {"n": 3}, {"x": x, "y": x[:1]},
+                                     {"y": "bf16"}))
+    topic, m = got.get(timeout=10)
+    assert topic == "t/big/1" and (m.type, m.round, m.seq, m.meta) == ("update", 2, 9, {"n": 3})
+    np.testing.assert_array_equal(m.tensors["x"], x)
+    assert wait_for(lambda: b.traffic.received == sent, 5)
+    assert a.traffic.payload_sent == b.traffic.payload_received == x.nbytes + x[:1].size * 2
+    assert a.traffic.sent == sent > a.traffic.payload_sent
+
+
+def test_bad_packets_are_refused_and_the_link_keeps_working(pair):
+    a, b = pair
+    got, refused = queue.Queue(), []
+    b.on_refused = lambda kind, reason: refused.append(reason)
+    b.subscribe("t/bad", lambda topic, m: got.put(m))
+    time.sleep(0.2)
+    a.client.publish("t/bad", b"hello", qos=1)
+    a.client.publish("t/bad", b"SFPW\xff\xff\xff\x7f{}", qos=1)
+    a.send("t/bad", Message("report", "test-a", meta={"ok": True}))
+    assert got.get(timeout=5).meta == {"ok": True}
+    assert wait_for(lambda: len(refused) == 2, 5), refused
+    assert sum(b.refused.values()) == 2
+
+
+WILLING = """
+import sys, time
+from wire_protocol.link import Link
+link = Link(sys.argv[1], "doomed", keepalive=5, will=("t/status/doomed", {"state": "offline"})).connect()
+link.publish_json("t/status/doomed", {"state": "online"}, retain=True)
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_client_shows_offline_through_its_will(broker):
+    watcher = Link(broker, "watcher").connect()
+    seen = queue.Queue()
+    watcher.subscribe_json("t/status/+", lambda topic, value: seen.put(value["state"]))
+    proc = subprocess.Popen([sys.executable, "-c", WILLING, broker], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert seen.get(timeout=5) == "online"
+        proc.kill()
+        assert seen.get(timeout=5) == "offline"
+    finally:
+        proc.kill()
+        watcher.close()
+
+
+def test_connection_problems_are_clear():
+    with pytest.raises(LinkError, match="cannot reach the broker"):
+        Link("mqtt://127.0.0.1:1", "nobody").connect(timeout=2)
+    with pytest.raises(ValueError, match="not mqtt://"):
+        parse_broker("http://example.org")
+    assert parse_broker("mqtts://broker.local") == ("broker.local", 8883, True)
+    assert Topics("f").shared_forward() == "$share/body/sfp/f/body/+/forward"
+
+
+def test_overlapping_subscriptions_deliver_once_to_each_handler(pair):
+    a, b = pair
+    narrow, wide = [], []
+    b.subscribe("t/over/+", lambda topic, m: narrow.append(m.seq))
+    b.subscribe("t/#", lambda topic, m: wide.append(m.seq))
+    time.sleep(0.2)
+    for seq in (1, 2):
+        a.send("t/over/x", Message("report", "test-a", seq=seq))
+    assert wait_for(lambda: len(wide) >= 2, 5)
+    time.sleep(0.3)
+    assert narrow == [1, 2] and wide == [1, 2]

@@ -1,0 +1,231 @@
+"""One MQTT 5 connection that speaks the protocol: messages out (chunked to the packet limit), messages in
+(reassembled, checked, handed to the subscriber), retained JSON for status, and the bytes counted both ways.
+
+paho-mqtt 2.x runs the network in its own thread; handlers are called there, so they must be quick (hand work to
+a queue). A message that fails its checks never reaches a handler: it is counted under its reason, logged, and
+passed to `on_refused`, and the connection carries on.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from wire_protocol.chunking import Reassembler, split
+from wire_protocol.envelope import Message, WireError, pack, unpack
+
+log = logging.getLogger(__name__)
+MessageHandler = Callable[[str, Message], None]
+JsonHandler = Callable[[str, Any], None]
+
+
+class LinkError(ConnectionError):
+    """The broker cannot be reached, refused us, or dropped us."""
+
+
+@dataclass
+class Traffic:
+    """What crossed this connection: whole MQTT payloads, and the tensor payloads inside protocol messages."""
+
+    sent: int = 0
+    received: int = 0
+    payload_sent: int = 0
+    payload_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+
+def parse_broker(url: str) -> tuple[str, int, bool]:
+    """mqtt://host[:1883] or mqtts://host[:8883] -> (host, port, tls)."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ValueError(f"broker {url!r} is not mqtt://host[:port] or mqtts://host[:port]")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+class Link:
+    def __init__(self, broker: str, client_id: str, *, max_packet: int = 1 << 20, max_message: int = 256 << 20,
+                 keepalive: int = 30, will: tuple[str, Any] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
+        """`on_refused(kind, reason)` is called for every refused message."""
+        self.host, self.port, tls = parse_broker(broker)
+        self.client_id, self.max_packet, self.max_message, self.keepalive = client_id, max_packet, max_message, keepalive
+        self.on_refused = on_refused
+        self.traffic = Traffic()
+        self.refused: Counter[str] = Counter()                        # kind -> count
+        self.recent_refusals: deque[tuple[str, str]] = deque(maxlen=200)  # (topic, reason)
+        self.reassembler = Reassembler(max_message=max_message)
+        self._ids = itertools.count()
+        self._handlers: list[tuple[str, Callable[[str, bytes], None]]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._connect_error: str | None = None
+        self._last_publish: mqtt.MQTTMessageInfo | None = None
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if tls:
+            self.client.tls_set()
+        if will is not None:
+            self.client.will_set(will[0], json.dumps(will[1]), qos=1, retain=True)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------------ connection
+    def connect(self, timeout: float = 15.0) -> Link:
+        try:
+            self.client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        except OSError as err:
+            raise LinkError(f"cannot reach the broker at {self.host}:{self.port}: {err}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout) or self._connect_error:
+            self.client.loop_stop()
+            raise LinkError(self._connect_error or f"no answer from the broker at {self.host}:{self.port}")
+        return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._connect_error = f"the broker refused the connection: {reason_code}"
+            self._connected.set()
+            return
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # paho never sets it: 64 KB stalls
+        with self._lock:
+            topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
+        for sub_id, topic in topics:          # again after a reconnect: the session is clean
+            client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("%s: disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def close(self, final: list[tuple[str, Any]] = (), timeout: float = 10.0) -> None:
+        """Publish `final` retained JSON (a clean shutdown's status), wait for everything queued, disconnect."""
+        for topic, value in final:
+            self.publish_json(topic, value, retain=True)
+        if self._last_publish is not None:
+            try:
+                self._last_publish.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # ------------------------------------------------------------------ out
+    def send(self, topic: str, message: Message) -> int:
+        """Publish one protocol message (chunked if needed); returns the bytes published."""
+        data = pack(message)
+        packets = split(data, self.max_packet, f"{self.client_id}.{next(self._ids)}")
+        for packet in packets:
+            self._last_publish = self.client.publish(topic, packet, qos=1)
+        with self._lock:
+            self.traffic.sent += sum(len(p) for p in packets)
+            self.traffic.payload_sent += message.payload_bytes
+            self.traffic.messages_sent += 1
+        return sum(len(p) for p in packets)
+
+    def publish_json(self, topic: str, value: Any, retain: bool = False) -> None:
+        self._last_publish = self.client.publish(topic, json.dumps(value, separators=(",", ":")), qos=1,
+                                                 retain=retain)
+
+    # ------------------------------------------------------------------ in
+    def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        """Protocol messages on `topic` (wildcards allowed), checked and reassembled, to handler(topic, message)."""
+        def raw(actual: str, payload: bytes) -> None:
+            try:
+                whole = self.reassembler.feed(actual, payload)
+                if whole is None:
+                    return
+                message = unpack(whole, self.max_message)
+            except WireError as err:
+                self.refuse(actual, str(err))
+                return
+            with self._lock:
+                self.traffic.payload_received += message.payload_bytes
+                self.traffic.messages_received += 1
+            handler(actual, message)
+        self._add(topic, raw)
+
+    def subscribe_json(self, topic: str, handler: JsonHandler) -> None:
+        def raw(actual: str, payload: bytes) -> None:
+            if not payload:       # a cleared retained message
+                return
+            try:
+                value = json.loads(payload)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.refuse(actual, "not JSON", "malformed")
+                return
+            handler(actual, value)
+        self._add(topic, raw)
+
+    def refuse(self, topic: str, reason: str, kind: str = "malformed") -> None:
+        """Count a refused message under its kind (a small fixed set: metrics labels), keep the reason among the
+        recent ones, log it, and tell `on_refused`. Also for checks the handlers make themselves."""
+        with self._lock:
+            self.refused[kind] += 1
+            self.recent_refusals.append((topic, reason))
+        log.warning("%s: refused a message on %s: %s", self.client_id, topic, reason)
+        if self.on_refused is not None:
+            self.on_refused(kind, reason)
+
+    def _add(self, topic: str, raw: Callable[[str, bytes], None]) -> None:
+        with self._lock:
+            self._handlers.append((topic, raw))
+            sub_id = len(self._handlers)
+        if self._connected.is_set():
+            result, _ = self.client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise LinkError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        # Each subscription carries an MQTT 5 subscription identifier, and the broker tags each delivery with the
+        # subscriptions it is for: with overlapping filters (a/+ and a/#) every handler still gets one copy.
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        with self._lock:
+            self.traffic.received += len(msg.payload)
+            if ids:
+                handlers = [raw for i, (_, raw) in enumerate(self._handlers, 1) if i in ids]
+            else:
+                handlers = [raw for topic, raw in self._handlers
+                            if mqtt.topic_matches_sub(_plain(topic), msg.topic)]
+        for raw in handlers:
+            try:
+                raw(msg.topic, msg.payload)
+            except Exception:   # a handler's bug must not kill the network thread
+                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+
+
+def _identified(sub_id: int) -> Properties:
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = sub_id
+    return props
+
+
+def _plain(topic: str) -> str:
+    """A shared subscription's filter without its `$share/<group>/` prefix."""
+    return topic.split("/", 2)[2] if topic.startswith("$share/") else topic
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
