@@ -120,6 +120,9 @@ class Coordinator:
                 manifest = read_bundle(folder) if folder.exists() else None
             except BundleError:
                 manifest = None
+            if manifest is not None and not self._fits(manifest):
+                log.info("the %s bundle in %s was made for another configuration", backend, folder)
+                manifest = None
             if manifest is None:
                 log.info("exporting the %s bundle (checked against PyTorch)", backend)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -128,6 +131,14 @@ class Coordinator:
                                             training_python=self.cfg.training_python)
             self.bundles[backend] = (manifest, archive(folder))
         return self.bundles[backend]
+
+    def _fits(self, manifest: Manifest) -> bool:
+        """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
+        split, params = self.cfg.split, dict(self.model.named_parameters())
+        return (manifest.model_id == self.model_id and manifest.optimizer == self.cfg.optimizer
+                and (manifest.prompts, manifest.head_blocks, manifest.tail_blocks) == (
+                    split.prompts, split.head_blocks, split.tail_blocks)
+                and all(t.name in params and tuple(params[t.name].shape) == t.shape for t in manifest.trainables))
 
     def manifest(self) -> Manifest:
         return next(iter(self.bundles.values()))[0] if self.bundles else self.bundle("portable")[0]
@@ -199,7 +210,7 @@ class Coordinator:
             profile = Profile(**{**meta["profile"], "providers": tuple(meta["profile"]["providers"])})
             num_samples = int(meta["num_samples"])
             classes = [str(c) for c in meta.get("classes", [])]
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, ConfigError) as err:
             self._refuse_enrollment(device, f"malformed enrollment: {err}")
             return
         unknown = sorted(set(classes) - set(self.cfg.classes))
@@ -330,6 +341,6 @@ class Coordinator:
     def close(self) -> None:
         self.stop.set()
         self.enrollments.put(None)
-        self.status["state"] = "offline"
+        self.status["state"] = "finished" if self.next_round > self.cfg.rounds else "offline"
         self.link.close(final=[(self.topics.server_status(), self.status)])
 

@@ -51,12 +51,13 @@ def plot(rows: list[dict], path: Path) -> None:
     rounds = [r["round"] for r in rows]
     fig, (acc, traffic) = plt.subplots(1, 2, figsize=(10, 4))
     acc.plot(rounds, [r.get("accuracy") or np.nan for r in rows], marker="o")
-    acc.set(xlabel="round", ylabel="accuracy (devices' local test data)", title="Accuracy of the global model")
+    acc.set(xlabel="round", ylabel="accuracy (devices' local test data)", title="Accuracy of the global model",
+            xticks=rounds)
     acc.grid(alpha=0.3)
     traffic.bar(np.array(rounds) - 0.2, [r.get("payload_up", 0) / 1e6 for r in rows], 0.4, label="up")
     traffic.bar(np.array(rounds) + 0.2, [r.get("payload_down", 0) / 1e6 for r in rows], 0.4, label="down")
     traffic.set(xlabel="round", ylabel="MB per device", title="Tensor bytes per device and round")
-    traffic.legend()
+    traffic.legend(loc="center right")
     traffic.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,7 +15,7 @@ class Metrics:
         self.enrolled = Gauge("sfp_devices_enrolled", "Devices enrolled", registry=r)
         self.online = Gauge("sfp_devices_online", "Devices whose retained status says online", registry=r)
         self.updates = Counter("sfp_updates_accepted", "Device updates accepted into FedAvg", registry=r)
-        self.refused = Counter("sfp_messages_refused", "Messages refused, by reason", ["reason"], registry=r)
+        self.refused = Counter("sfp_messages_refused", "Messages refused, by kind", ["kind"], registry=r)
         self.body_samples = Counter("sfp_body_samples", "Samples through the body (forward)", registry=r)
         self.bytes_received = Gauge("sfp_bytes_received", "Bytes received by the coordinator's connection",
                                     registry=r)

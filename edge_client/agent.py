@@ -241,7 +241,7 @@ class DeviceAgent:
                 self._train(message, index, start, sent0, received0)
             else:
                 self._evaluate(index)
-        except RoundAborted as err:
+        except (RoundAborted, BundleError) as err:     # the server's answer was missing or did not fit
             log.warning("%s: round %d aborted: %s", self.config.device, index, err)
             self.link.send(self.topics.up(self.config.device, "report"),
                            Message("report", self.config.device, index, meta={"aborted": str(err)}))
@@ -249,7 +249,10 @@ class DeviceAgent:
 
     def _train(self, message: Message, index: int, start: float, sent0: int, received0: int) -> None:
         """Run the round, upload; the last round's tensor bytes (and all bytes sent) go into the status."""
-        plan = RoundPlan(**message.meta["plan"])
+        try:
+            plan = RoundPlan(**message.meta["plan"])
+        except (KeyError, TypeError) as err:
+            raise RoundAborted(f"the round's plan is malformed: {err}") from None
         sent_raw0 = self.link.traffic.sent
         self.publish_status(activity="starting", round=index)
         result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote,

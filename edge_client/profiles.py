@@ -27,6 +27,14 @@ class Profile:
     keepalive: int
     match: dict
 
+    def __post_init__(self) -> None:
+        numbers = (self.threads, self.batch_size, self.max_head_blocks, self.max_packet, self.keepalive)
+        if (self.backend not in BACKENDS or self.wire not in FLOAT_WIRES
+                or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+                or self.threads < 1 or not 1 <= self.batch_size <= 4096 or self.max_head_blocks < 0
+                or self.max_packet < 4096 or self.keepalive < 1):
+            raise ConfigError(f"profile {self.name} has values out of range: {self}")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -49,13 +57,11 @@ def load_profile(name_or_path: str) -> Profile:
                           "or a .json file")
     try:
         raw = json.loads(text)
-        profile = Profile(**{**raw, "providers": tuple(raw["providers"])})
+        return Profile(**{**raw, "providers": tuple(raw["providers"])})
+    except ConfigError:
+        raise
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"profile {name_or_path} is malformed: {err}") from None
-    if profile.backend not in BACKENDS or profile.wire not in FLOAT_WIRES or profile.threads < 1 \
-            or profile.batch_size < 1 or profile.max_head_blocks < 0 or profile.max_packet < 4096:
-        raise ConfigError(f"profile {profile.name} has values out of range: {profile}")
-    return profile
 
 
 def detect(root: str = "/") -> str:

@@ -103,3 +103,17 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     summary = json.loads((server.cfg.state_dir / "rounds.jsonl").read_text().splitlines()[-1])
     assert summary["round"] == 1
     link.close()
+
+
+def test_prometheus_metrics_count_what_happened(server):
+    import urllib.request
+
+    from cloud_server.broker import free_port
+    port = free_port()
+    server.metrics.serve(port)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    refused = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("sfp_messages_refused_total{")}
+    assert refused.get('kind="malformed"', 0) >= 1 and refused.get('kind="forged"', 0) >= 1, refused
+    assert refused.get('kind="enrollment"', 0) >= 5, refused
+    assert "sfp_devices_enrolled" in text and "sfp_rounds_completed_total" in text

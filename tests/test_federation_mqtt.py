@@ -17,6 +17,9 @@ import pytest
 import timm
 import torch
 
+from click.testing import CliRunner
+
+from cloud_server.cli import main as cloud_main
 from export.backbone import save_checkpoint
 from export.split import SplitSpec
 from sfp_common.datasets import write_device_folder
@@ -175,6 +178,9 @@ def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
             # the tensors' bytes: exactly the reference meter's (mean per device), up and down
             assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
             assert summary["accuracy"] is not None and summary["evaluated_on"] > 0
+        fleet = CliRunner().invoke(cloud_main, ["fleet", "--broker", broker, "--federation", run.name])
+        assert fleet.exit_code == 0 and all(f"dev-{c}" in fleet.output for c in range(DEVICES)), fleet.output
+        assert f"round {ROUNDS}/{ROUNDS}" in fleet.output and "participants" in fleet.output
         served = retained(broker, Topics(run.name).worker_status("+"))
         assert len(served) == workers and all(w["forward"] > 0 and w["backward"] > 0 for w in served.values())
         statuses = retained(broker, Topics(run.name).all_status())
@@ -194,11 +200,13 @@ def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
     assert {s["state"] for s in statuses.values()} == {"offline"}      # a clean stop says so
 
 
-def test_a_device_killed_mid_round_shows_offline_and_the_round_completes_without_it(setup, broker):
+def test_a_device_killed_mid_round_is_left_out_and_rejoins_after_a_restart(setup, broker):
+    """Killed mid-round, a device shows offline (its Last Will) and the round completes with the others; started
+    again from its state folder it takes part in the next round."""
     name, seen = "fed-kill", {}
     watcher = Link(broker, "watch-kill").connect()
     watcher.subscribe_json(Topics(name).all_status(), lambda topic, value: seen.__setitem__(value["device"], value))
-    run = Run(setup, broker, name, rounds=1, batch_sizes=(16, 2, 16))     # dev-1's round takes a while
+    run = Run(setup, broker, name, rounds=2, batch_sizes=(16, 2, 16))     # dev-1's round takes a while
     try:
         assert wait_for(lambda: seen.get("dev-1", {}).get("round") == 1, 120), run.logs()
         killed_during = seen["dev-1"]["activity"]
@@ -206,11 +214,17 @@ def test_a_device_killed_mid_round_shows_offline_and_the_round_completes_without
         assert killed_during in ("starting", "pruning", "local update", "split training")
         assert wait_for(lambda: seen["dev-1"]["state"] == "offline", 10), seen["dev-1"]
         assert seen["dev-1"]["activity"] == "disconnected"
-        (summary,) = run.finish(120)
-        assert summary["selected"] == ["dev-0", "dev-1", "dev-2"]
-        assert summary["participants"] == ["dev-0", "dev-2"], summary
+        rounds_file = run.folder / "server" / "rounds.jsonl"
+        assert wait_for(lambda: rounds_file.exists(), 60), run.logs()
+        first = json.loads(rounds_file.read_text().splitlines()[0])
+        assert first["selected"] == ["dev-0", "dev-1", "dev-2"] and first["participants"] == ["dev-0", "dev-2"]
+        # round 2 waits for all three (--min-devices 3): the restarted device rejoins
+        run.spawn("device1-restarted", [device_python(backends()[1]), "-m", "edge_client.cli", "run",
+                                        "--state", str(run.folder / "device-1")])
+        _, second = run.finish(120)
+        assert second["participants"] == ["dev-0", "dev-1", "dev-2"], second
         print(f"dev-1 killed during '{killed_during}': status offline, round 1 aggregated from "
-              f"{summary['participants']} in {summary['seconds']} s")
+              f"{first['participants']} in {first['seconds']} s; restarted, it took part in round 2")
     finally:
         run.close()
         watcher.close()
