@@ -10,7 +10,7 @@ EDGE_FIXTURES ?= build/edge-fixtures
 ORT_TRAINING_VENV ?= .venv-ort-training
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo simulate compare count bench-device ort-training-env test clean
+.PHONY: setup system-packages backbone demo simulate compare count bench-device bench-serving bench-transport ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
@@ -53,6 +53,14 @@ count: setup
 # On-device step time and peak memory, both backends against PyTorch, ViT-Tiny and ViT-B/16 (about 5 min).
 bench-device: setup $(ORT_TRAINING_VENV)/installed
 	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py --training-python $(ORT_TRAINING_VENV)/bin/python
+
+# The server's serving path against its bare body (1, 8, 64 simulated devices), and the protocol's goodput over
+# Mosquitto against raw paho publishes (64 KB to 20 MB); a few minutes each.
+bench-serving: setup
+	$(BIN)/python bench/serving.py --devices 1,8,64 --batch 2 --seconds 40
+
+bench-transport: setup
+	$(BIN)/python bench/transport.py --trials 5
 
 $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_VENV)

@@ -144,25 +144,35 @@ class BodyWorker:
 
     # ----------------------------------------------------------------------------- compute thread
     def _loop(self) -> None:
-        pending: list[_Request] = []
-        while True:
-            first = pending.pop(0) if pending else self._next()
-            if first is None:
-                return
-            group, deadline = [first], time.monotonic() + self.window_s
-            while len(group) < self.max_batch_requests:
+        """Serve in batches: everything that waits (what arrived while the last batch ran, or within `window_s` of
+        a request into an idle worker) is taken; the oldest request's kind goes as one batch, the rest waits."""
+        waiting: list[_Request] = []
+        stopping = False
+        while not (stopping and not waiting):
+            if not waiting:
+                first = self._next()
+                if first is None:
+                    return
+                waiting, deadline = [first], time.monotonic() + self.window_s
+            else:
+                deadline = time.monotonic()          # work is waiting: take what is queued, do not wait
+            while not stopping and len(waiting) < 4 * self.max_batch_requests:
                 try:
                     item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:
-                    self.queue.put(None)
-                    break
-                (group if item.kind == first.kind else pending).append(item)
+                    stopping = True
+                else:
+                    waiting.append(item)
+            kind = waiting[0].kind
+            group = [r for r in waiting if r.kind == kind][:self.max_batch_requests]
+            chosen = {id(r) for r in group}
+            waiting = [r for r in waiting if id(r) not in chosen]
             try:
-                self._forward(group) if first.kind == "forward" else self._backward(group)
+                self._forward(group) if kind == "forward" else self._backward(group)
             except Exception as err:   # a bad batch must not stop the worker
-                log.exception("body worker %s: a %s batch failed", self.worker_id, first.kind)
+                log.exception("body worker %s: a %s batch failed", self.worker_id, kind)
                 for r in group:
                     self._error(r.message, f"the body failed: {type(err).__name__}: {err}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -149,11 +150,15 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
         split, _ = client_model(resolve_model(model), len(class_names(classes)),
                                 SplitSpec(prompts, head_blocks, tail_blocks), img_size, not random_init, seed)
         name = worker_id or f"{os.uname().nodename}-{os.getpid()}"
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet)
         try:
-            threading.Event().wait()
+            stop.wait()
         finally:
-            body.stop()
+            body.stop()                  # its retained status says "stopped"
+            body.link.close()
     run_cli(job)
 
 

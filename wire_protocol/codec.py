@@ -31,7 +31,7 @@ def encode(tensor: np.ndarray, wire: str) -> list[np.ndarray]:
                 np.ascontiguousarray(tensor).view(np.uint8).reshape(-1)]
     x = np.ascontiguousarray(tensor, dtype=np.float32)
     if wire == "fp32":
-        return [x.astype("<f4", copy=True)]
+        return [x.astype("<f4", copy=False)]      # no copy: the message copies it into its buffer
     if wire == "fp16":
         return [x.astype("<f2")]
     if wire == "bf16":
@@ -67,7 +67,7 @@ def decode(parts: list[np.ndarray], wire: str, shape: tuple[int, ...]) -> np.nda
     if wire == "bytes":
         return parts[0]
     if wire == "fp32":
-        return parts[0].astype(np.float32)
+        return parts[0].astype(np.float32, copy=False)   # a view of the received bytes when it can be
     if wire == "fp16":
         return parts[0].astype(np.float32)
     if wire == "bf16":

@@ -51,7 +51,7 @@ class Message:
     payload_bytes: int = 0                                         # set by pack / unpack
 
 
-def pack(message: Message) -> bytes:
+def pack(message: Message) -> bytearray:
     """The message as bytes; sets `payload_bytes` (the encoded tensors alone)."""
     if message.type not in TYPES:
         raise WireError(f"unknown message type {message.type!r}")
@@ -61,14 +61,23 @@ def pack(message: Message) -> bytes:
         encoded = encode(tensor, wire)
         shape = list(np.shape(tensor)) if wire != "bytes" else [int(encoded[0].size)]
         specs.append({"name": name, "wire": wire, "shape": shape})
-        parts.extend(p.tobytes() for p in encoded)
-    payload = b"".join(parts)
+        parts.extend(np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in encoded)
+    size, crc = sum(p.nbytes for p in parts), 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
     header = {"v": VERSION, "type": message.type, "device": message.device, "round": int(message.round),
-              "seq": int(message.seq), "meta": message.meta, "tensors": specs, "payload": len(payload),
-              "crc32": zlib.crc32(payload)}
+              "seq": int(message.seq), "meta": message.meta, "tensors": specs, "payload": size, "crc32": crc}
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    message.payload_bytes = len(payload)
-    return PREFIX.pack(MAGIC, len(head)) + head + payload
+    message.payload_bytes = size
+    out = bytearray(PREFIX.size + len(head) + size)          # the tensors are copied once, straight in
+    PREFIX.pack_into(out, 0, MAGIC, len(head))
+    offset = PREFIX.size + len(head)
+    out[PREFIX.size:offset] = head
+    target = np.frombuffer(out, np.uint8)
+    for p in parts:
+        target[offset:offset + p.nbytes] = p
+        offset += p.nbytes
+    return out
 
 
 def _field(header: dict, name: str, kind: type | tuple[type, ...]):
@@ -78,7 +87,7 @@ def _field(header: dict, name: str, kind: type | tuple[type, ...]):
     return value
 
 
-def unpack(data: bytes, max_bytes: int | None = None) -> Message:
+def unpack(data: bytes | bytearray, max_bytes: int | None = None) -> Message:
     """Parse and check one message; raises WireError saying what is wrong."""
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
@@ -134,7 +143,8 @@ def unpack(data: bytes, max_bytes: int | None = None) -> Message:
             parts.append(np.frombuffer(payload, dtype, count, offset).reshape(part_shape))
             offset += count * dtype.itemsize
         value = decode(parts, wire, shape)
-        if wire in FLOAT_WIRES and not np.isfinite(value).all():
+        # One pass, no copy: a float64 sum of float32 values cannot overflow, so it is finite iff they all are.
+        if wire in FLOAT_WIRES and not np.isfinite(value.sum(dtype=np.float64)):
             raise WireError(f"tensor {name} holds NaN or Inf")
         tensors[name] = value
     return Message(kind, device, round_index, seq, meta, tensors, wires, len(payload))

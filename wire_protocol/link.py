@@ -1,8 +1,8 @@
 """One MQTT 5 connection that speaks the protocol: messages out (chunked to the packet limit), messages in
 (reassembled, checked, handed to the subscriber), retained JSON for status, and the bytes counted both ways.
 
-paho-mqtt 2.x runs the network in its own thread; handlers are called there, so they must be quick (hand work to
-a queue). A message that fails its checks never reaches a handler: it is counted under its reason, logged, and
+paho-mqtt 2.x runs the network in its own thread; received messages are checked and handed to the handlers on a
+second thread, in arrival order, so the handlers must still be quick (hand long work to a queue). A message that fails its checks never reaches a handler: it is counted under its reason, logged, and
 passed to `on_refused`, and the connection carries on.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -84,6 +85,9 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self._inbox: queue.Queue = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"{client_id}-dispatch", daemon=True)
+        self._dispatcher.start()
 
     # ------------------------------------------------------------------ connection
     def connect(self, timeout: float = 15.0) -> Link:
@@ -126,6 +130,7 @@ class Link:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+        self._inbox.put(None)
 
     # ------------------------------------------------------------------ out
     def send(self, topic: str, message: Message) -> int:
@@ -204,11 +209,21 @@ class Link:
             else:
                 handlers = [raw for topic, raw in self._handlers
                             if mqtt.topic_matches_sub(_plain(topic), msg.topic)]
-        for raw in handlers:
-            try:
-                raw(msg.topic, msg.payload)
-            except Exception:   # a handler's bug must not kill the network thread
-                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+        self._inbox.put((msg.topic, msg.payload, handlers))
+
+    def _dispatch(self) -> None:
+        """Checks and handlers run here, in arrival order, so the network thread goes on reading the socket (and
+        answering keepalives) meanwhile; CRC-32, copies and decoding release the GIL for large tensors."""
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            topic, payload, handlers = item
+            for raw in handlers:
+                try:
+                    raw(topic, payload)
+                except Exception:   # a handler's bug must not stop the dispatcher
+                    log.exception("%s: handler for %s failed", self.client_id, topic)
 
 
 def _identified(sub_id: int) -> Properties:
