@@ -19,7 +19,7 @@ import shutil
 import tarfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -296,21 +296,25 @@ class Coordinator:
         for device in selected:
             plan = self.plan(device, round_index)
             self.link.send(self.topics.down(device, "round"), Message(
-                "round", device, round_index, meta={"train": True, "plan": plan.__dict__},
+                "round", device, round_index, meta={"train": True, "plan": asdict(plan)},
                 tensors=self.global_state))
         deadline = time.monotonic() + self.cfg.round_deadline_s
         updates = self._collect(set(selected), round_index, "update", deadline)
         summary: dict[str, Any] = {"round": round_index, "selected": selected, "participants": sorted(updates)}
-        if updates:
-            ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
-            self.global_state = fedavg([m.tensors for m in ordered], [int(m.meta["num_samples"]) for m in ordered])
-            self.metrics.updates.inc(len(ordered))
-            summary.update(
-                train_loss=float(np.mean([m.meta.get("loss", np.nan) for m in ordered])),
-                kept_samples=float(np.mean([m.meta.get("kept", 0) for m in ordered])),
-                payload_up=float(np.mean([m.meta.get("payload_up", 0) for m in ordered])),
-                payload_down=float(np.mean([m.meta.get("payload_down", 0) for m in ordered])))
-        if self.cfg.evaluate_on_devices and updates:
+        if not updates:      # nothing to aggregate: the round is not done, and runs again
+            log.warning("round %d: no device delivered an update; it will be run again", round_index)
+            self.publish_status(state="round failed", round=round_index, last_failure=summary)
+            self.stop.wait(1.0)
+            return summary
+        ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
+        self.global_state = fedavg([m.tensors for m in ordered], [int(m.meta["num_samples"]) for m in ordered])
+        self.metrics.updates.inc(len(ordered))
+        summary.update(
+            train_loss=float(np.mean([m.meta.get("loss", np.nan) for m in ordered])),
+            kept_samples=float(np.mean([m.meta.get("kept", 0) for m in ordered])),
+            payload_up=float(np.mean([m.meta.get("payload_up", 0) for m in ordered])),
+            payload_down=float(np.mean([m.meta.get("payload_down", 0) for m in ordered])))
+        if self.cfg.evaluate_on_devices:
             summary.update(self.evaluate_on_devices(round_index))
         summary["seconds"] = round(time.time() - start, 3)
         self.registry.save_checkpoint(round_index, self.global_state, summary)

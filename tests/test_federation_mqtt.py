@@ -106,8 +106,8 @@ class Run:
             state = self.folder / f"device-{c}"
             enrolled = subprocess.run(
                 [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, "--token", TOKEN,
-                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c])), "--data", str(setup["shares"][c]),
-                 "--federation", name, "--device-id", f"dev-{c}", "--state", str(state), "--timeout", "120"],
+                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c])),
+                 "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}", "--state", str(state), "--timeout", "120"],
                 env=ENV, capture_output=True, text=True, timeout=180)
             assert enrolled.returncode == 0, enrolled.stderr
             self.devices.append(self.spawn(f"device{c}", [device_python(backend), "-m", "edge_client.cli", "run",

@@ -2,8 +2,9 @@
 (reassembled, checked, handed to the subscriber), retained JSON for status, and the bytes counted both ways.
 
 paho-mqtt 2.x runs the network in its own thread; received messages are checked and handed to the handlers on a
-second thread, in arrival order, so the handlers must still be quick (hand long work to a queue). A message that fails its checks never reaches a handler: it is counted under its reason, logged, and
-passed to `on_refused`, and the connection carries on.
+second thread, in arrival order, so the handlers must still be quick (hand long work to a queue). A message
+that fails its checks never reaches a handler: it is counted under its kind, logged, and passed to
+`on_refused`, and the connection carries on.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class Link:
                  on_refused: Callable[[str, str], None] | None = None) -> None:
         """`on_refused(kind, reason)` is called for every refused message."""
         self.host, self.port, tls = parse_broker(broker)
-        self.client_id, self.max_packet, self.max_message, self.keepalive = client_id, max_packet, max_message, keepalive
+        self.client_id, self.max_packet, self.max_message = client_id, max_packet, max_message
+        self.keepalive = keepalive
         self.on_refused = on_refused
         self.traffic = Traffic()
         self.refused: Counter[str] = Counter()                        # kind -> count
@@ -85,7 +87,7 @@ class Link:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue(maxsize=32)   # full: the network thread waits (backpressure)
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"{client_id}-dispatch", daemon=True)
         self._dispatcher.start()
 
