@@ -183,7 +183,8 @@ class DeviceAgent:
                          keepalive=self.profile.keepalive,
                          will=(self.topics.device_status(self.config.device),
                                {**self.status, "state": "offline", "activity": "disconnected"}))
-        self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s)
+        self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s,
+                                 self.stop)
 
     # ------------------------------------------------------------------------------------------ status
     def publish_status(self, **changes: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -22,8 +23,10 @@ class RoundAborted(RuntimeError):
 
 
 class RemoteBody:
-    def __init__(self, link: Link, topics: Topics, device: str, wire: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, link: Link, topics: Topics, device: str, wire: str, timeout_s: float = 60.0,
+                 stop: threading.Event | None = None) -> None:
         self.link, self.topics, self.device, self.wire, self.timeout_s = link, topics, device, wire, timeout_s
+        self.stop = stop or threading.Event()      # set: the device is leaving; the round ends at the next reply
         self.replies: queue.Queue[Message] = queue.Queue()
         self.round, self.seq, self.worker = 0, 0, None
         self._lock = threading.Lock()
@@ -55,11 +58,16 @@ class RemoteBody:
         return self._wait("gradient").tensors["gradient"]
 
     def _wait(self, kind: str) -> Message:
+        deadline = time.monotonic() + self.timeout_s
         while True:
+            if self.stop.is_set():
+                raise RoundAborted("the device is leaving")
             try:
-                reply = self.replies.get(timeout=self.timeout_s)
+                reply = self.replies.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
-                raise RoundAborted(f"no {kind} from the server within {self.timeout_s:.0f} s") from None
+                if time.monotonic() >= deadline:
+                    raise RoundAborted(f"no {kind} from the server within {self.timeout_s:.0f} s") from None
+                continue
             if (reply.round, reply.seq) != (self.round, self.seq):
                 continue                      # late or duplicated reply to an earlier request
             if reply.type == "error":
