@@ -25,8 +25,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_client.profiles import Profile
-from edge_client.round import RoundPlan
 from export.bundle import client_model, export_bundle
 from export.backbone import resolve_model
 from export.split import SplitSpec
@@ -36,6 +34,7 @@ from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, check_traina
 from sfp_common.errors import ConfigError
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
+from wire_protocol.contracts import Profile, RoundPlan
 from wire_protocol.envelope import Message
 from wire_protocol.link import Link
 from wire_protocol.topics import Topics

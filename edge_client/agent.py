@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_client.profiles import Profile
 from edge_client.remote_body import RemoteBody, RoundAborted
-from edge_client.round import RoundPlan, run_round
+from edge_client.round import run_round
 from edge_client.runtime import ClientRuntime, open_runtime
 from sfp_common.bundle import BundleError, read_bundle
 from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
 from sfp_common.preprocess import preprocess
 from wire_protocol.codec import encoded_bytes
+from wire_protocol.contracts import Profile, RoundPlan
 from wire_protocol.envelope import Message
 from wire_protocol.link import Link, LinkError
 from wire_protocol.topics import Topics, check_name

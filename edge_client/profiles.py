@@ -4,39 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from sfp_common.bundle import BACKENDS
 from sfp_common.errors import ConfigError
-from wire_protocol.codec import FLOAT_WIRES
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    description: str
-    backend: str                  # portable | training
-    providers: tuple[str, ...]    # ONNX Runtime execution providers, in order of preference
-    threads: int
-    batch_size: int               # the device's batch for pruning, local update and split training
-    max_head_blocks: int          # the deepest head this device can run; the federation's split must fit
-    wire: str                     # smashed tokens and features: fp32 | fp16 | bf16 | int8
-    max_packet: int               # MQTT packet limit: larger messages are chunked
-    keepalive: int
-    match: dict
-
-    def __post_init__(self) -> None:
-        numbers = (self.threads, self.batch_size, self.max_head_blocks, self.max_packet, self.keepalive)
-        if (self.backend not in BACKENDS or self.wire not in FLOAT_WIRES
-                or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
-                or self.threads < 1 or not 1 <= self.batch_size <= 4096 or self.max_head_blocks < 0
-                or self.max_packet < 4096 or self.keepalive < 1):
-            raise ConfigError(f"profile {self.name} has values out of range: {self}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from wire_protocol.contracts import Profile
 
 
 def available() -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 from edge_client.runtime import ClientRuntime
 from sfp_common.batching import batch_order
 from sfp_common.pruning import select_hardest
+from wire_protocol.contracts import RoundPlan
 
 
 class SplitServer(Protocol):
@@ -23,20 +24,6 @@ class SplitServer(Protocol):
 
     def backward(self, dfeatures: np.ndarray) -> np.ndarray:
         """dL/dfeatures goes up; dL/dprompts [P, D] (no head blocks) or dL/dtokens comes back."""
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the server asks of a device for one round."""
-
-    lr: float
-    batch_size: int = 16
-    epochs: int = 3                 # passes of split training over the kept samples
-    local_loss_epochs: int = 1      # passes of the local-loss update over all local samples
-    keep: float = 0.5               # EL2N keep fraction
-    prune: bool = True
-    local_update: bool = True
-    seed: int = 0                   # the batch order's seed, chosen by the server per device and round
 
 
 @dataclass

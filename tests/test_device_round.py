@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.round import RoundPlan, run_round
+from edge_client.round import run_round
 from edge_client.runtime import open_runtime
 from export.bundle import export_bundle
 from export.split import SplitSpec, SplitViT
@@ -15,6 +15,7 @@ from sfp_common.bundle import OptimizerSpec
 from simulation.accounting import decode, encode
 from sfp_common.batching import client_seed
 from simulation.engine import Federation, SimConfig, state_of
+from wire_protocol.contracts import RoundPlan
 from simulation.methods import TrainConfig
 
 
