@@ -143,6 +143,12 @@ def public_args(args: list[str]) -> list[str]:
     return out
 
 
+def machine_facts(script: str, args: list[str], **extra) -> dict:
+    """The machine and the command line a result was measured with, as the results files record them."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "command": " ".join(["python", script, *public_args(args)]), **extra}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="vit_tiny_patch16_224,vit_base_patch16_224")
@@ -181,8 +187,7 @@ def main() -> None:
                 print(f"{model_name} B={batch} {backend}: local {ref['local_ms']:.1f} -> {got['local_ms']:.1f} ms, "
                       f"split {ref['split_ms']:.1f} -> {got['split_ms']:.1f} ms, RSS {ref['peak_rss_mb']:.0f} -> "
                       f"{got['peak_rss_mb']:.0f} MB", flush=True)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "threads": 1,
-               "command": " ".join(["python", "bench/device_step.py", *public_args(sys.argv[1:])])}
+    machine = machine_facts("bench/device_step.py", sys.argv[1:], threads=1)
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, one thread per "
              f"process. Command: `{machine['command']}`. portable = plain onnxruntime; training = "

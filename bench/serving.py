@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import queue
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.device_step import cpu_name  # noqa: E402
+from bench.device_step import machine_facts  # noqa: E402
 from cloud_server.broker import LocalBroker  # noqa: E402
 from wire_protocol.envelope import Message  # noqa: E402
 from wire_protocol.link import Link  # noqa: E402
@@ -160,8 +159,7 @@ def main() -> None:
             print(f"{devices:>3} devices x {a.batch}: ceiling {bare['samples_per_s']:.1f} samples/s "
                   f"(batch {bare['batch']}, {bare['device']}), serving {served['samples_per_s']:.1f} samples/s, "
                   f"ratio {row['ratio']:.2f}", flush=True)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "command": " ".join(["python", "bench/serving.py", *sys.argv[1:]])}
+    machine = machine_facts("bench/serving.py", sys.argv[1:])
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "model": a.model,
                                                     "body_dtype": a.body_dtype, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; body "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.device_step import cpu_name  # noqa: E402
+from bench.device_step import machine_facts  # noqa: E402
 from cloud_server.broker import LocalBroker  # noqa: E402
 from wire_protocol.envelope import Message  # noqa: E402
 from wire_protocol.link import Link  # noqa: E402
@@ -168,8 +167,7 @@ def main() -> None:
             raw_out.disconnect()
             raw_out.loop_stop()
             proto_out.close()
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "command": " ".join(["python", "bench/transport.py", *sys.argv[1:]]), "broker": "Mosquitto, loopback"}
+    machine = machine_facts("bench/transport.py", sys.argv[1:], broker="Mosquitto, loopback")
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; Mosquitto on "
              f"loopback, QoS 1, sender and receiver in separate processes. Command: `{machine['command']}`.", "",

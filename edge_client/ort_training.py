@@ -26,8 +26,8 @@ from sfp_common.bundle import BundleError, Manifest, state_key
 
 
 def training_api():
-    """onnxruntime.training.api without torch: the package's __init__ imports `optim`, whose fp16 wrappers
-    import torch, so that one subpackage is stubbed first (api itself needs numpy and the C extension)."""
+    """onnxruntime.training.api without PyTorch: the package's __init__ loads `optim`, whose fp16 wrappers
+    need PyTorch, so that one subpackage is stubbed first (api itself needs numpy and the C extension)."""
     sys.modules.setdefault("onnxruntime.training.optim", types.ModuleType("onnxruntime.training.optim"))
     try:
         import onnxruntime
