@@ -10,7 +10,7 @@ EDGE_FIXTURES ?= build/edge-fixtures
 ORT_TRAINING_VENV ?= .venv-ort-training
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo simulate compare count bench-device bench-serving bench-transport ort-training-env test clean
+.PHONY: setup system-packages backbone demo simulate compare count bench bench-quick bench-device bench-serving bench-transport ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
@@ -39,16 +39,25 @@ demo: backbone
 
 # The reference federation in one process: SFPrompt against federated full fine-tuning on MNIST 5k.
 simulate: backbone
-	$(BIN)/python bench/compare.py --methods sfprompt,fl --rounds 5 --alpha 0.5 --out runs/demo
+	$(BIN)/python bench/compare.py --methods sfprompt,fl --rounds 5 --partitions 0.5 --out runs/demo
 
-# All methods and ablations, 10 clients, Dirichlet 0.5, 10 rounds (the foundation's comparison table).
+# Issue 5's comparison: all methods and ablations, both traffic variants, IID / Dirichlet 0.5 / 0.1, each method
+# beside its central ceiling, 10 rounds (about 2 hours on 2 cores; finished runs are reused).
 compare: backbone
-	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl \
-		--rounds 10 --alpha 0.5 --out runs/compare
+	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl \
+		--partitions iid,0.5,0.1 --central --rounds 10 --target 0.5 --resume --out bench/results/comparison
 
-# The paper's counting at ViT-B/16 scale, nothing trained.
+# The paper's counting at its scale (ViT-B/16 and ViT-L/16), nothing trained.
 count: setup
-	$(BIN)/sfp-count --model vit_base_patch16_224 --classes 10 --samples 500 --keep 0.5 --epochs 1
+	$(BIN)/python bench/counting.py --out runs/counting
+
+# The whole benchmark suite (hours on 2 cores; bench/results/ and bench/RESULTS.md), and a quick variant that only
+# shows every part runs (minutes; runs/bench-quick/RESULTS.md).
+bench: backbone $(ORT_TRAINING_VENV)/installed
+	SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python bench/suite.py
+
+bench-quick: backbone $(ORT_TRAINING_VENV)/installed
+	SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python bench/suite.py --quick
 
 # On-device step time and peak memory, both backends against PyTorch, ViT-Tiny and ViT-B/16 (about 5 min).
 bench-device: setup $(ORT_TRAINING_VENV)/installed

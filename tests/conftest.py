@@ -27,15 +27,24 @@ def tiny_vit(num_classes: int = 5, **overrides) -> "torch.nn.Module":
                              **{**TINY, **overrides}).eval()
 
 
-@pytest.fixture
-def digits_checkpoint(tmp_path):
+def write_digits_checkpoint(folder) -> str:
     """A tiny ViT for 8x8 grayscale digits, saved the way sfp-pretrain saves one."""
     from export.backbone import save_checkpoint
     kwargs = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 3, "num_heads": 2}
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kwargs)
     cfg = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.35], "interpolation": "bilinear", "num_classes": 10}
-    return str(save_checkpoint(model, tmp_path / "tiny.pth", "vit_tiny_patch16_224", kwargs, cfg))
+    return str(save_checkpoint(model, folder / "tiny.pth", "vit_tiny_patch16_224", kwargs, cfg))
+
+
+@pytest.fixture
+def digits_checkpoint(tmp_path):
+    return write_digits_checkpoint(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_digits_checkpoint(tmp_path_factory):
+    return write_digits_checkpoint(tmp_path_factory.mktemp("checkpoint"))
 
 
 # ----------------------------------------------------------------------------------------------- device tests
