@@ -6,13 +6,16 @@ generous queues, no persistence.
 """
 from __future__ import annotations
 
+import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from cloud_server.security import listener_config
 from sfp_common.errors import ConfigError
 
 
@@ -23,18 +26,29 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    """`with LocalBroker() as url:` a running Mosquitto at mqtt://127.0.0.1:<port>; stopped on exit."""
+    """`with LocalBroker() as url:` a running Mosquitto at mqtt://127.0.0.1:<port>; stopped on exit.
 
-    def __init__(self, port: int | None = None, max_packet: int = 64 << 20, log: Path | None = None) -> None:
+    With `security` (a folder made by `cloud_server.security.secure`): TLS with its certificates, no anonymous
+    clients, its accounts and ACLs (re-read on `reload()`), at mqtts://127.0.0.1:<port>.
+    """
+
+    def __init__(self, port: int | None = None, max_packet: int = 64 << 20, log: Path | None = None,
+                 security: Path | None = None) -> None:
         self.port = port or free_port()
         self.max_packet = max_packet
         self.log = log
+        self.security = security
         self.process: subprocess.Popen | None = None
         self.folder: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.security else 'mqtt'}://127.0.0.1:{self.port}"
+
+    def reload(self) -> None:
+        """Make Mosquitto re-read its password and ACL files."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def start(self) -> str:
         binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -42,8 +56,11 @@ class LocalBroker:
             raise ConfigError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
         self.folder = Path(tempfile.mkdtemp(prefix="sfp-broker-"))
         config = self.folder / "mosquitto.conf"
+        listener = (listener_config(self.security, self.port, "127.0.0.1") if self.security
+                    else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
         config.write_text("\n".join([
-            f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false", "set_tcp_nodelay true",
+            # as root, Mosquitto would switch to user 'mosquitto', who cannot read a test's or demo's files
+            listener, f"user {getpass.getuser()}", "persistence false", "set_tcp_nodelay true",
             f"max_packet_size {self.max_packet}", "max_queued_messages 100000", "max_inflight_messages 0",
             "log_dest stderr", "log_type error", "log_type warning", ""]))
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL

@@ -1,11 +1,14 @@
-"""`sfp-cloud serve` (the coordinator and a body worker), `sfp-cloud worker` (more body capacity) and
-`sfp-cloud fleet` (the fleet's retained status as a table)."""
+"""`sfp-cloud serve` (the coordinator and a body worker), `sfp-cloud worker` (more body capacity),
+`sfp-cloud fleet` (the fleet's retained status as a table), `sfp-cloud secure` (TLS certificates and broker
+accounts) and `sfp-cloud token` (a device's single-use enrollment token)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,6 +35,47 @@ def model_options(f):
     return f
 
 
+def access_options(f):
+    """How server-side processes get into a secured broker (mqtts://, accounts made by `sfp-cloud secure`)."""
+    f = click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="The service account's password [default: $SFP_BROKER_PASSWORD, or "
+                          "<state>/security/server.password when there is one].")(f)
+    f = click.option("--username", default="sfp-server", help="The broker account (secured brokers).")(f)
+    f = click.option("--ca", type=click.Path(dir_okay=False, exists=True), default=None,
+                     help="The CA that signed the broker's certificate [default: <state>/security/ca.crt when "
+                          "there is one, else the system's].")(f)
+    return f
+
+
+def broker_access(broker: str, ca: str | None, username: str, password_file: Path | None,
+                  state_dir: Path | None = None):
+    from wire_protocol.link import BrokerAccess, parse_broker
+    security = state_dir / "security" if state_dir else None
+    if ca is None and security and (security / "ca.crt").exists() and parse_broker(broker)[2]:
+        ca = str(security / "ca.crt")
+    if password_file is None and security and (security / "server.password").exists():
+        password_file = security / "server.password"
+    password = os.environ.get("SFP_BROKER_PASSWORD")
+    if password_file is not None:
+        try:
+            password = password_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read the broker password from {password_file}: {err}") from None
+    return BrokerAccess(username if password is not None else None, password, ca)
+
+
+def reload_command(command: str | None):
+    """`--broker-reload` as a hook: run after the broker's accounts changed (e.g. `systemctl reload mosquitto`)."""
+    if not command:
+        return None
+
+    def reload() -> None:
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("broker reload %r failed (%d): %s", command, done.returncode, done.stderr.strip())
+    return reload
+
+
 def body_options(f):
     f = click.option("--body-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
                      help="The body's compute precision (bf16: autocast on the accelerator).")(f)
@@ -49,7 +93,7 @@ def class_names(classes: str) -> tuple[str, ...]:
 
 
 def start_worker(broker: str, federation: str, model, worker_id: str, torch_device: str, body_dtype: str,
-                 max_packet: int):
+                 max_packet: int, access=None):
     """A body worker on its own connection, serving until the process ends."""
     import torch
 
@@ -61,7 +105,7 @@ def start_worker(broker: str, federation: str, model, worker_id: str, torch_devi
                           torch.bfloat16 if body_dtype == "bf16" else torch.float32)
     with torch.no_grad():
         num_tokens, dim = model.head(torch.zeros(1, *image_shape(model))).shape[1:]
-    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet).connect()
+    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet, access=access).connect()
     worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim).start()
     log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
     return worker
@@ -76,7 +120,9 @@ def main() -> None:
 @main.command(context_settings={"show_default": True})
 @model_options
 @body_options
-@click.option("--token", envvar="SFP_ENROLL_TOKEN", required=True, help="The enrollment token devices must give.")
+@access_options
+@click.option("--broker-reload", default=None,
+              help="A command that makes the broker re-read its accounts (run after each enrollment).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Registry, bundles, checkpoints and round summaries (resumed from on restart).")
 @click.option("--rounds", default=5)
@@ -98,7 +144,7 @@ def main() -> None:
 @click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
 def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-          torch_device, body_dtype, token, state_dir, rounds, optimizer, lr, weight_decay, momentum, epochs,
+          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, optimizer, lr, weight_decay, momentum, epochs,
           local_loss_epochs, keep, fraction, min_devices, deadline, no_device_eval, backends, training_python,
           workers, max_packet, metrics_port) -> None:
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body."""
@@ -109,8 +155,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
 
     def job() -> None:
         cfg = FederationConfig(
-            federation=federation, model=model, classes=class_names(classes), enroll_token=token,
-            state_dir=state_dir, split=SplitSpec(prompts, head_blocks, tail_blocks),
+            federation=federation, model=model, classes=class_names(classes), state_dir=state_dir, split=SplitSpec(prompts, head_blocks, tail_blocks),
             optimizer=OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum), img_size=img_size,
             pretrained=not random_init, seed=seed, rounds=rounds, lr=lr, epochs=epochs,
             local_loss_epochs=local_loss_epochs, keep=keep, fraction=fraction, min_devices=min_devices,
@@ -119,11 +164,13 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
         metrics = Metrics()
         if metrics_port:
             metrics.serve(metrics_port)
+        access = broker_access(broker, ca, username, password_file, state_dir)
         coordinator = Coordinator(cfg, broker, metrics, on_round=lambda s: log.info("round %s: %s", s["round"],
                                                                                      json.dumps(s)),
-                                  max_packet=max_packet).start()
+                                  max_packet=max_packet, access=access,
+                                  reload_broker=reload_command(broker_reload)).start()
         bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
-                               body_dtype, max_packet) for i in range(workers)]
+                               body_dtype, max_packet, access) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)
         try:
             coordinator.run()
@@ -137,10 +184,11 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
 @main.command(context_settings={"show_default": True})
 @model_options
 @body_options
+@access_options
 @click.option("--worker-id", default=None, help="Unique per worker [default: host name and process id].")
 @click.option("--max-packet", default=1 << 20)
 def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-           torch_device, body_dtype, worker_id, max_packet) -> None:
+           torch_device, body_dtype, ca, username, password_file, worker_id, max_packet) -> None:
     """An extra body worker: takes forward requests from the shared subscription until stopped."""
     from export.backbone import resolve_model
     from export.bundle import client_model
@@ -153,7 +201,8 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet)
+        body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet,
+                            broker_access(broker, ca, username, password_file))
         try:
             stop.wait()
         finally:
@@ -173,28 +222,75 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
 @click.option("--prompts", default=10)
 @click.option("--profile", default="auto", help="The devices' firmware profile.")
 @click.option("--seed", default=0)
-def demo(out, model, devices, rounds, alpha, lr, epochs, prompts, profile, seed) -> None:
+@click.option("--tls/--no-tls", default=True, help="A secured broker (local CA, accounts, ACLs) or an open one.")
+def demo(out, model, devices, rounds, alpha, lr, epochs, prompts, profile, seed, tls) -> None:
     """A whole federation here: broker, server and device processes, progress, a table and a plot."""
     from cloud_server.demo import run_demo
-    run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, lr, epochs, prompts, profile, click.echo))
+    run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, lr, epochs, prompts, profile, click.echo,
+                             tls))
 
 
 @main.command()
 @click.option("--broker", required=True)
 @click.option("--federation", default="demo")
 @click.option("--wait", type=float, default=1.0, help="Seconds to collect the retained messages.")
-def fleet(broker, federation, wait) -> None:
+@access_options
+def fleet(broker, federation, wait, ca, username, password_file) -> None:
     """Print the fleet's status, as retained in the broker."""
     from wire_protocol.link import Link
     from wire_protocol.topics import Topics
 
     def job() -> None:
         topics, seen = Topics(federation), {}
-        link = Link(broker, f"fleet-{os.getpid()}").connect()
+        link = Link(broker, f"fleet-{os.getpid()}",
+                    access=broker_access(broker, ca, username, password_file)).connect()
         link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
         time.sleep(wait)
         link.close()
         click.echo(format_fleet(topics, seen))
+    run_cli(job)
+
+
+@main.command("secure", context_settings={"show_default": True})
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--federation", default="demo")
+@click.option("--hostname", "hostnames", multiple=True, default=("localhost", "127.0.0.1"),
+              help="A name or IP address devices reach the broker by (repeat for several).")
+@click.option("--port", default=8883, help="The broker's TLS port.")
+def secure_command(state_dir, federation, hostnames, port) -> None:
+    """TLS certificates, the service account, and the password, ACL and listener files for Mosquitto."""
+    from cloud_server.security import SERVICE, secure
+
+    def job() -> None:
+        folder = state_dir / "security"
+        secure(folder, federation, tuple(hostnames), port)
+        click.echo(f"written to {folder}/:\n"
+                   f"  mosquitto.conf  a TLS listener on {port} with passwd and acl: include it in the broker's "
+                   f"configuration\n"
+                   f"  ca.crt          give it to every device (sfp-edge enroll --ca) and body worker (--ca)\n"
+                   f"  server.password the '{SERVICE}' account of sfp-cloud serve/worker/fleet (read from here "
+                   f"by serve)\n"
+                   f"then issue each device a token: sfp-cloud token --state {state_dir} --device <id>")
+    run_cli(job)
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--federation", default="demo")
+@click.option("--device", "device_id", required=True, help="The device the token enrolls (its id).")
+@click.option("--ttl", type=float, default=86400.0, help="Seconds until the token expires.")
+@click.option("--broker-reload", default=None, help="A command that makes the broker re-read its accounts.")
+def token(state_dir, federation, device_id, ttl, broker_reload) -> None:
+    """Print a single-use enrollment token for one device (also its one-off broker account's password)."""
+    from cloud_server.security import Security
+
+    def job() -> None:
+        try:
+            value = Security(state_dir / "security", federation, reload_command(broker_reload)).issue_token(
+                device_id, ttl)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        click.echo(value)
     run_cli(job)
 
 

@@ -11,7 +11,6 @@ checks and queues. Any message that fails a check is refused with a reason and c
 """
 from __future__ import annotations
 
-import hmac
 import io
 import logging
 import queue
@@ -34,9 +33,10 @@ from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, check_traina
 from sfp_common.errors import ConfigError
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
+from cloud_server.security import Security
 from wire_protocol.contracts import Profile, RoundPlan
 from wire_protocol.envelope import Message
-from wire_protocol.link import Link
+from wire_protocol.link import BrokerAccess, Link
 from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ class FederationConfig:
     federation: str
     model: str                          # timm name or checkpoint
     classes: tuple[str, ...]
-    enroll_token: str
-    state_dir: Path
+    state_dir: Path                     # also holds security/: accounts, enrollment tokens (cloud_server/security)
     split: SplitSpec = field(default_factory=SplitSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     img_size: int | None = None
@@ -80,9 +79,14 @@ def archive(folder: Path) -> bytes:
 
 class Coordinator:
     def __init__(self, cfg: FederationConfig, broker: str, metrics: Metrics | None = None,
-                 on_round: Callable[[dict], None] | None = None, max_packet: int = 1 << 20) -> None:
+                 on_round: Callable[[dict], None] | None = None, max_packet: int = 1 << 20,
+                 access: BrokerAccess | None = None, reload_broker: Callable[[], None] | None = None) -> None:
+        """`access`: the service account and CA for a secured broker; `reload_broker`: makes the broker re-read its
+        accounts after enrollment changed them (without it, a secured broker learns of new devices only when its
+        operator reloads it)."""
         self.cfg, self.metrics, self.on_round = cfg, metrics or Metrics(), on_round
         self.topics = Topics(cfg.federation)
+        self.security = Security(cfg.state_dir / "security", cfg.federation, reload=reload_broker)
         self.registry = Registry(cfg.state_dir)
         source = resolve_model(cfg.model)
         self.model_id = source.label
@@ -108,7 +112,7 @@ class Coordinator:
                                        "rounds": cfg.rounds, "model": self.model_id}
         self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
                          will=(self.topics.server_status(), {**self.status, "state": "offline"}),
-                         on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc())
+                         on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc(), access=access)
 
     # ----------------------------------------------------------------------------------------- bundles
     def bundle(self, backend: str) -> tuple[Manifest, bytes]:
@@ -202,8 +206,10 @@ class Coordinator:
 
     def _enroll(self, message: Message) -> None:
         meta, device = message.meta, message.device
-        if not hmac.compare_digest(str(meta.get("token", "")), self.cfg.enroll_token):
-            self._refuse_enrollment(device, "wrong enrollment token")
+        redemption = self.security.redeem(device, str(meta.get("token", "")))   # single-use: spent from here on
+        self.security.prune()
+        if not redemption.ok:
+            self._refuse_enrollment(device, redemption.reason)
             return
         try:
             profile = Profile(**{**meta["profile"], "providers": tuple(meta["profile"]["providers"])})
@@ -224,9 +230,11 @@ class Coordinator:
         _, data = self.bundle(profile.backend)
         entry = self.registry.enroll(device, profile.as_dict(), dict(meta.get("hardware", {})), num_samples,
                                      profile.backend)
+        password = self.security.add_device(device)     # the device's own broker account, told to it once
         self.link.send(self.topics.down(device, "enrolled"), Message(
             "enrolled", device, meta={"classes": list(self.cfg.classes), "index": entry.index,
-                                      "federation": self.cfg.federation},
+                                      "federation": self.cfg.federation,
+                                      "credentials": {"username": device, "password": password}},
             tensors={"bundle": np.frombuffer(data, np.uint8)}, wires={"bundle": "bytes"}))
         self.metrics.enrolled.set(len(self.registry.devices))
         log.info("enrolled %s (index %d, %s, %d samples)", device, entry.index, profile.name, num_samples)

@@ -1,7 +1,8 @@
 """`sfp-cloud demo`: a whole federation on this machine, as it runs for real, one process per part.
 
-A Mosquitto broker on loopback; `sfp-cloud serve` (coordinator + body worker); N devices, each enrolled with
-`sfp-edge enroll` on its own non-IID share of MNIST 5k (Dirichlet label skew, written as image folders) and run
+A Mosquitto broker on loopback, secured as `sfp-cloud secure` sets one up (TLS with a local CA, an account per
+device, ACLs; `tls=False` for an open one); `sfp-cloud serve` (coordinator + body worker); N devices, each given a
+single-use token and enrolled with `sfp-edge enroll` on its own non-IID share of MNIST 5k (Dirichlet label skew, written as image folders) and run
 with `sfp-edge run`. Progress comes from the broker (the round summaries the server retains); at the end the
 fleet table, `rounds.md`, `rounds.json` and `federation.png` (accuracy and bytes per round) land in the output
 folder. The backbone is the in-house ViT pretrained on Fashion-MNIST (`sfp-pretrain`), fine-tuned on MNIST.
@@ -20,15 +21,15 @@ from typing import Callable
 
 import numpy as np
 
-from cloud_server.broker import LocalBroker
+from cloud_server.broker import LocalBroker, free_port
 from cloud_server.cli import format_fleet
+from cloud_server.security import SERVICE, Security, secure
 from sfp_common.datasets import load_dataset, write_device_folder
 from sfp_common.errors import ConfigError
 from sfp_common.partition import partition, split_local_test
-from wire_protocol.link import Link
+from wire_protocol.link import BrokerAccess, Link
 from wire_protocol.topics import Topics
 
-TOKEN = "demo-enrollment-token"
 FEDERATION = "demo"
 
 
@@ -76,7 +77,8 @@ def rounds_table(rows: list[dict]) -> str:
 
 
 def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | None, seed: int, lr: float,
-             epochs: int, prompts: int, profile: str, say: Callable[[str], None] = print) -> list[dict]:
+             epochs: int, prompts: int, profile: str, say: Callable[[str], None] = print,
+             tls: bool = True) -> list[dict]:
     if not Path(model).is_file():
         raise ConfigError(f"backbone {model} not found: pretrain it with `make backbone` (sfp-pretrain)")
     out.mkdir(parents=True, exist_ok=True)
@@ -92,25 +94,34 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
         procs.append(proc)
         return proc
 
-    broker = LocalBroker(log=out / "broker.log")
+    folder, port = out / "server" / "security", free_port()
+    access, ca = BrokerAccess(), []
+    if tls:
+        access = BrokerAccess(SERVICE, secure(folder, FEDERATION, ("localhost", "127.0.0.1"), port),
+                              str(folder / "ca.crt"))
+        ca = ["--ca", str(folder / "ca.crt")]
+    broker = LocalBroker(port=port, log=out / "broker.log", security=folder if tls else None)
     url = broker.start()
-    say(f"broker: Mosquitto at {url}")
+    say(f"broker: Mosquitto at {url}" + (f" (TLS, CA {folder / 'ca.crt'}, an account per device)" if tls else ""))
+    security = Security(folder, FEDERATION, reload=broker.reload)
     summaries: queue.Queue[dict] = queue.Queue()
-    watcher = Link(url, "demo-watcher").connect()
+    watcher = Link(url, "demo-watcher", access=access).connect()
     topics = Topics(FEDERATION)
     watcher.subscribe_json(f"{topics.base}/rounds/+", lambda topic, value: summaries.put(value))
     try:
         server = spawn("server", ["cloud_server.cli", "serve", "--broker", url, "--federation", FEDERATION,
                                   "--model", model, "--classes", ",".join(classes), "--prompts", str(prompts),
-                                  "--token", TOKEN, "--state", str(out / "server"), "--rounds", str(rounds),
+                                  "--state", str(out / "server"), "--rounds", str(rounds),
+                                  "--broker-reload", f"kill -HUP {broker.process.pid}",
                                   "--lr", str(lr), "--epochs", str(epochs), "--seed", str(seed),
                                   "--min-devices", str(devices),
                                   "--deadline", "900"])
         say("server: exporting the device bundle (checked against PyTorch), starting the body worker")
         for i, share in enumerate(shares):
+            token = security.issue_token(f"device-{i}", ttl_s=3600)     # as `sfp-cloud token` does
             enrolled = subprocess.run(
-                [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", url, "--token", TOKEN, "--profile",
-                 profile, "--data", str(share), "--federation", FEDERATION, "--device-id", f"device-{i}",
+                [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", url, "--token", token, *ca,
+                 "--profile", profile, "--data", str(share), "--federation", FEDERATION, "--device-id", f"device-{i}",
                  "--state", str(out / f"device-{i}" / "state"), "--timeout", "600"],
                 env=env, capture_output=True, text=True)
             if enrolled.returncode != 0:

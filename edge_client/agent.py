@@ -1,8 +1,10 @@
 """A device in the federation: enrollment (the bundle arrives over MQTT and is verified), then rounds until
 stopped, with its status retained in the broker for any dashboard.
 
-The device's state folder holds `device.json` (who it is, where the broker is, its profile and data folder) and
-`bundle/` (the verified client bundle). That is all a restart needs: the global state comes with every round.
+The device's state folder holds `device.json` (who it is, where the broker is, its profile and data folder),
+`bundle/` (the verified client bundle), and for a secured broker `credentials.json` (its own broker account,
+issued at enrollment; mode 0600) and `ca.crt`. That is all a restart needs: the global state comes with every
+round.
 Images and labels never leave the device; what goes up is smashed tokens, dL/dfeatures, the trained prompts and
 tail, sample counts and accuracies.
 """
@@ -30,14 +32,16 @@ from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
 from sfp_common.preprocess import preprocess
 from wire_protocol.codec import encoded_bytes
-from wire_protocol.contracts import Profile, RoundPlan
+from wire_protocol.contracts import Profile, RoundPlan, enroll_account
 from wire_protocol.envelope import Message
-from wire_protocol.link import Link, LinkError
+from wire_protocol.link import BrokerAccess, Link, LinkError
 from wire_protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 CONFIG = "device.json"
 BUNDLE = "bundle"
+CREDENTIALS = "credentials.json"
+CA = "ca.crt"
 
 
 @dataclass
@@ -49,6 +53,7 @@ class DeviceConfig:
     data: str
     classes: list[str]
     num_samples: int
+    tls_ca: bool = False            # the broker's CA is the state folder's ca.crt
 
     @property
     def settings(self) -> Profile:
@@ -67,6 +72,17 @@ class DeviceConfig:
             raise ConfigError(f"{state} holds no enrolled device: run `sfp-edge enroll` first") from None
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{state / CONFIG} is malformed: {err}") from None
+
+    def access(self, state: Path) -> BrokerAccess:
+        """This device's own broker account (none on an open broker) and CA."""
+        ca = str(state / CA) if self.tls_ca else None
+        try:
+            credentials = json.loads((state / CREDENTIALS).read_text())
+            return BrokerAccess(str(credentials["username"]), str(credentials["password"]), ca)
+        except FileNotFoundError:
+            return BrokerAccess(None, None, ca)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{state / CREDENTIALS} is malformed: {err}") from None
 
 
 def hardware_facts() -> dict[str, Any]:
@@ -99,14 +115,16 @@ def count_training_samples(data: str) -> tuple[int, list[str]]:
 
 
 def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, device: str, federation: str,
-           timeout: float = 300.0) -> DeviceConfig:
-    """Register with the server, receive and verify the bundle, and keep both in `state`."""
+           timeout: float = 300.0, ca_file: str | None = None) -> DeviceConfig:
+    """Register with the server (as the one-off account its token opens), receive and verify the bundle and its
+    own broker account, and keep them in `state`."""
     check_name("device", device)
     topics = Topics(federation)
     num_samples, classes = count_training_samples(data)
     replies: queue.Queue[Message] = queue.Queue()
     server: dict[str, Any] = {}
-    link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet).connect()
+    access = BrokerAccess(enroll_account(device), token, ca_file)
+    link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect()
     request = Message("enroll", device, meta={"token": token, "profile": profile.as_dict(),
                                               "hardware": hardware_facts(), "num_samples": num_samples,
                                               "classes": classes})
@@ -136,10 +154,25 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
         link.close()
     state.mkdir(parents=True, exist_ok=True)
     install_bundle(bytes(reply.tensors["bundle"]), state / BUNDLE)
+    credentials = reply.meta.get("credentials")
+    if not isinstance(credentials, dict) or not {"username", "password"} <= set(credentials):
+        raise ConfigError("the server's enrollment reply carries no broker account for this device")
+    write_private(state / CREDENTIALS, json.dumps(credentials) + "\n")
+    if ca_file:
+        shutil.copyfile(ca_file, state / CA)
     config = DeviceConfig(federation, device, broker, profile.as_dict(), str(Path(data).resolve()),
-                          list(reply.meta["classes"]), num_samples)
+                          list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file))
     config.save(state)
     return config
+
+
+def write_private(path: Path, text: str) -> None:
+    """Written readable by this user only, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def install_bundle(archive: bytes, target: Path) -> None:
@@ -180,7 +213,7 @@ class DeviceAgent:
                                        "profile": self.profile.name, "backend": self.runtime.manifest.backend,
                                        "bytes_sent": 0, "bytes_received": 0, "last_seen": None}
         self.link = Link(self.config.broker, self.config.device, max_packet=self.profile.max_packet,
-                         keepalive=self.profile.keepalive,
+                         keepalive=self.profile.keepalive, access=self.config.access(self.state),
                          will=(self.topics.device_status(self.config.device),
                                {**self.status, "state": "offline", "activity": "disconnected"}))
         self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s,

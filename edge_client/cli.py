@@ -26,7 +26,10 @@ def main() -> None:
 
 @main.command(context_settings={"show_default": True})
 @click.option("--broker", required=True, help="mqtt://host[:port] (mqtts:// for TLS).")
-@click.option("--token", envvar="SFP_ENROLL_TOKEN", required=True, help="The federation's enrollment token.")
+@click.option("--token", envvar="SFP_ENROLL_TOKEN", required=True,
+              help="This device's single-use enrollment token (from `sfp-cloud token`).")
+@click.option("--ca", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The CA that signed the broker's certificate (mqtts://), e.g. the server's ca.crt.")
 @click.option("--profile", default="auto", help="A firmware profile name, a profile .json file, or auto.")
 @click.option("--data", type=click.Path(file_okay=False), required=True,
               help="This device's images: DATA/train/<class>/* (and optionally DATA/test/<class>/*).")
@@ -34,7 +37,7 @@ def main() -> None:
 @click.option("--device-id", default=None, help="[default: this host's name]")
 @click.option("--timeout", type=float, default=300.0, help="Seconds to wait for the server's answer.")
 @state_option
-def enroll(broker, token, profile, data, federation, device_id, timeout, state) -> None:
+def enroll(broker, token, ca, profile, data, federation, device_id, timeout, state) -> None:
     """Register this device and receive its client bundle."""
     from edge_client.agent import enroll as do_enroll
     from edge_client.profiles import load_profile
@@ -42,7 +45,7 @@ def enroll(broker, token, profile, data, federation, device_id, timeout, state) 
     def job() -> None:
         chosen = load_profile(profile)
         device = device_id or platform.node().split(".")[0] or "device"
-        config = do_enroll(broker, token, chosen, data, state, device, federation, timeout)
+        config = do_enroll(broker, token, chosen, data, state, device, federation, timeout, ca)
         click.echo(f"enrolled {config.device} in federation {config.federation} ({chosen.name}, "
                    f"{chosen.backend} backend, {config.num_samples} samples); state in {state}")
     run_cli(job)

@@ -20,14 +20,16 @@ from wire_protocol.topics import Topics
 def server(tmp_path_factory, broker):
     """One coordinator for the module (exporting its bundle takes seconds); the tests use their own device ids."""
     cfg = FederationConfig(federation="coord", model="vit_tiny_patch16_224", classes=tuple(str(i) for i in range(10)),
-                           enroll_token="right", state_dir=tmp_path_factory.mktemp("coord") / "state",
+                           state_dir=tmp_path_factory.mktemp("coord") / "state",
                            split=SplitSpec(2, 1, 0), img_size=16, pretrained=False)
     coordinator = Coordinator(cfg, broker).start()
     yield coordinator
     coordinator.close()
 
 
-def enroll_request(device, token="right", profile=None, classes=("1", "2"), samples=10):
+def enroll_request(server, device, token=None, profile=None, classes=("1", "2"), samples=10):
+    """An enrollment; with a fresh single-use token for `device` unless one is given."""
+    token = token if token is not None else server.security.issue_token(device, ttl_s=600)
     return Message("enroll", device, meta={"token": token, "profile": profile or load_profile("x86").as_dict(),
                                            "num_samples": samples, "classes": list(classes), "hardware": {}})
 
@@ -44,18 +46,39 @@ def test_bad_enrollments_are_refused_with_reasons_and_a_good_one_then_succeeds(s
     topics, link = Topics("coord"), Link(broker, "attacker").connect()
     small = {**load_profile("raspberry-pi-4").as_dict()}           # runs no head blocks; the split has one
     for device, message, reason in [
-        ("d1", enroll_request("d1", token="wrong"), "wrong enrollment token"),
-        ("d2", enroll_request("d2", profile=small), "at most 0 head blocks"),
-        ("d3", enroll_request("d3", classes=("1", "cat")), "are not the federation's"),
-        ("d4", enroll_request("d4", profile={"name": "half"}), "malformed enrollment"),
-        ("d5", enroll_request("d5", samples=0), "no training samples"),
+        ("d1", enroll_request(server, "d1", token="wrong"), "wrong enrollment token"),
+        ("d2", enroll_request(server, "d2", profile=small), "at most 0 head blocks"),
+        ("d3", enroll_request(server, "d3", classes=("1", "cat")), "are not the federation's"),
+        ("d4", enroll_request(server, "d4", profile={"name": "half"}), "malformed enrollment"),
+        ("d5", enroll_request(server, "d5", samples=0), "no training samples"),
     ]:
         reply = ask(link, topics, device, message)
         assert reply.type == "refused" and reason in reply.meta["reason"], (device, reply.meta)
     assert not {"d1", "d2", "d3", "d4", "d5"} & set(server.registry.devices)
-    reply = ask(link, topics, "good", enroll_request("good"))
+    reply = ask(link, topics, "good", enroll_request(server, "good"))
     assert reply.type == "enrolled" and len(reply.tensors["bundle"]) > 1000
     assert server.registry.get("good").index == reply.meta["index"]
+    # Its own broker account, issued now: the password the device got is the one the broker's files hold.
+    from cloud_server.security import password_matches
+    credentials, accounts = reply.meta["credentials"], server.security.accounts()
+    assert credentials["username"] == "good" and accounts["good"]["kind"] == "device"
+    assert password_matches(credentials["password"], accounts["good"]["hash"])
+    link.close()
+
+
+def test_enrollment_tokens_work_once_for_their_device_until_they_expire(server, broker):
+    topics, link = Topics("coord"), Link(broker, "token-tests").connect()
+    token = server.security.issue_token("once", ttl_s=600)
+    assert ask(link, topics, "other", enroll_request(server, "other", token=token)).meta["reason"] == (
+        "wrong enrollment token for this device")                 # a token is bound to its device
+    assert ask(link, topics, "once", enroll_request(server, "once", token=token)).type == "enrolled"
+    again = ask(link, topics, "once", enroll_request(server, "once", token=token))
+    assert again.type == "refused" and again.meta["reason"] == "enrollment token already used"
+    late = server.security.issue_token("late", ttl_s=0.01)
+    time.sleep(0.05)
+    reply = ask(link, topics, "late", enroll_request(server, "late", token=late))
+    assert reply.type == "refused" and reply.meta["reason"] == "enrollment token expired"
+    assert server.registry.get("late") is None
     link.close()
 
 
@@ -70,13 +93,13 @@ def test_forged_garbled_and_misplaced_messages_are_refused_and_counted(server, b
     reasons = " | ".join(reason for _, reason in server.link.recent_refusals)
     for expected in ("bad magic", "does not match the topic", "unknown device", "does not send"):
         assert expected in reasons, reasons
-    assert ask(link, topics, "after", enroll_request("after")).type == "enrolled"       # still serving
+    assert ask(link, topics, "after", enroll_request(server, "after")).type == "enrolled"       # still serving
     link.close()
 
 
 def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, broker):
     topics, link = Topics("coord"), Link(broker, "dev-link").connect()
-    assert ask(link, topics, "dev", enroll_request("dev")).type == "enrolled"
+    assert ask(link, topics, "dev", enroll_request(server, "dev")).type == "enrolled"
     link.publish_json(topics.device_status("dev"), {"device": "dev", "state": "online"}, retain=True)
     assert wait_for(lambda: server.online_enrolled() == ["dev"], 5)
     good = {k: v + 0.5 for k, v in server.global_state.items()}

@@ -19,16 +19,16 @@ import torch
 
 from click.testing import CliRunner
 
+from cloud_server.broker import LocalBroker, free_port
 from cloud_server.cli import main as cloud_main
 from export.backbone import save_checkpoint
 from export.split import SplitSpec
 from sfp_common.datasets import write_device_folder
 from simulation.engine import Federation, SimConfig, state_of
 from simulation.methods import TrainConfig
-from wire_protocol.link import Link, wait_for
+from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
 from wire_protocol.topics import Topics
 
-TOKEN = "test-token"
 DEVICES = 3
 ROUNDS = 2
 TRAIN = TrainConfig(lr=3e-3, optimizer="adamw", batch_size=16, epochs=1, weight_decay=0.01, wire="fp16")
@@ -81,37 +81,56 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFP_LOG": "
 
 
 class Run:
-    """One federation: the server (with `workers` body workers in all), the devices; everything torn down."""
+    """One federation: the server (with `workers` body workers in all), the devices; everything torn down.
+
+    `tls`: its own broker, secured the way `sfp-cloud secure` sets one up (TLS, accounts, ACLs) instead of the
+    session's open one. Either way each device enrolls with its own single-use token from `sfp-cloud token`."""
 
     def __init__(self, setup: dict, broker: str, name: str, workers: int = 1, rounds: int = ROUNDS,
-                 batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES) -> None:
-        self.setup, self.broker, self.name = setup, broker, name
+                 batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES, tls: bool = False) -> None:
+        self.setup, self.name = setup, name
         self.folder = setup["root"] / name
         self.folder.mkdir()
         self.procs: list[subprocess.Popen] = []
+        state, security = self.folder / "server", self.folder / "server" / "security"
+        cli = [sys.executable, "-m", "cloud_server.cli"]
+        self.own_broker, reload, ca = None, [], []
+        if tls:
+            port = free_port()
+            made = subprocess.run([*cli, "secure", "--state", str(state), "--federation", name, "--hostname",
+                                   "127.0.0.1", "--port", str(port)], env=ENV, capture_output=True, text=True)
+            assert made.returncode == 0, made.stderr
+            self.own_broker = LocalBroker(port=port, security=security, log=self.folder / "broker.log")
+            broker = self.own_broker.start()
+            reload, ca = ["--broker-reload", f"kill -HUP {self.own_broker.process.pid}"], ["--ca", str(security / "ca.crt")]
+        self.broker = broker
         model = ["--model", setup["checkpoint"], "--classes", "10", "--prompts", "2", "--seed", "7",
                  "--federation", name, "--broker", broker]
-        self.server = self.spawn("server", [sys.executable, "-m", "cloud_server.cli", "serve", *model,
-                                            "--token", TOKEN, "--state", str(self.folder / "server"),
+        self.server = self.spawn("server", [*cli, "serve", *model, *reload, "--state", str(state),
                                             "--rounds", str(rounds), "--optimizer", "adamw", "--lr", str(TRAIN.lr),
                                             "--weight-decay", str(TRAIN.weight_decay), "--epochs", "1",
                                             "--keep", str(TRAIN.keep), "--min-devices", str(DEVICES),
                                             "--deadline", "60", "--max-packet", "16384",
                                             "--backends", ",".join(sorted(set(backends())))])
+        service = [*ca, "--password-file", str(security / "server.password")] if tls else []
         for w in range(workers - 1):
-            self.spawn(f"worker{w}", [sys.executable, "-m", "cloud_server.cli", "worker", *model,
-                                      "--worker-id", f"extra{w}", "--max-packet", "16384"])
+            self.spawn(f"worker{w}", [*cli, "worker", *model, *service, "--worker-id", f"extra{w}",
+                                      "--max-packet", "16384"])
         self.devices = []
         for c, backend in enumerate(backends()):
-            state = self.folder / f"device-{c}"
+            device_state = self.folder / f"device-{c}"
+            token = subprocess.run([*cli, "token", "--state", str(state), "--federation", name, "--device",
+                                    f"dev-{c}", *reload], env=ENV, capture_output=True, text=True)
+            assert token.returncode == 0, token.stderr
             enrolled = subprocess.run(
-                [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, "--token", TOKEN,
-                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c])),
-                 "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}", "--state", str(state), "--timeout", "120"],
+                [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, *ca,
+                 "--token", token.stdout.strip(), "--profile", str(profile_file(self.folder, backend, batch_sizes[c])),
+                 "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
+                 "--state", str(device_state), "--timeout", "120"],
                 env=ENV, capture_output=True, text=True, timeout=180)
             assert enrolled.returncode == 0, enrolled.stderr
             self.devices.append(self.spawn(f"device{c}", [device_python(backend), "-m", "edge_client.cli", "run",
-                                                          "--state", str(state)]))
+                                                          "--state", str(device_state)]))
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")
@@ -139,6 +158,8 @@ class Run:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.own_broker is not None:
+            self.own_broker.stop()
 
 
 def global_state(folder: Path) -> dict[str, np.ndarray]:
@@ -228,3 +249,29 @@ def test_a_device_killed_mid_round_is_left_out_and_rejoins_after_a_restart(setup
     finally:
         run.close()
         watcher.close()
+
+
+def test_the_federation_over_tls_with_per_device_accounts_reproduces_the_reference(setup, broker):
+    """The same federation on a secured broker: TLS against the federation's CA, each device on the account it
+    was issued at enrollment (its ACLs confine it to its own topics); same numbers as the reference."""
+    run = Run(setup, broker, "fed-tls", tls=True)
+    try:
+        run.finish()
+        error = worst_error(global_state(run.folder), setup["final"])
+        print(f"over TLS with per-device accounts: worst relative error after {ROUNDS} rounds {error:.1e}")
+        assert error <= 1e-4, run.logs()
+        security = run.folder / "server" / "security"
+        accounts = json.loads((security / "accounts.json").read_text())
+        assert {f"dev-{c}" for c in range(DEVICES)} <= {u for u, a in accounts.items() if a["kind"] == "device"}
+        for c in range(DEVICES):
+            credentials = run.folder / f"device-{c}" / "credentials.json"
+            assert oct(credentials.stat().st_mode)[-3:] == "600"
+            assert json.loads(credentials.read_text())["username"] == f"dev-{c}"
+        with pytest.raises(LinkError):          # nobody gets in without an account
+            Link(run.broker, "anonymous", access=BrokerAccess(ca_file=str(security / "ca.crt"))).connect(timeout=5)
+        fleet = CliRunner().invoke(cloud_main, ["fleet", "--broker", run.broker, "--federation", run.name, "--ca",
+                                                str(security / "ca.crt"), "--password-file",
+                                                str(security / "server.password")])
+        assert fleet.exit_code == 0 and f"round {ROUNDS}/{ROUNDS}" in fleet.output, fleet.output
+    finally:
+        run.close()

@@ -1,5 +1,6 @@
 """What the messages between server and devices carry besides tensors: a device's profile (sent at enrollment,
-checked by the server) and a round's plan (sent with every round). Both sides import them from here."""
+checked by the server), a round's plan (sent with every round), and the broker account a device enrolls with.
+Both sides import them from here."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -49,3 +50,8 @@ class RoundPlan:
     prune: bool = True
     local_update: bool = True
     seed: int = 0                   # the batch order's seed, chosen by the server per device and round
+
+
+def enroll_account(device: str) -> str:
+    """The one-off broker account a device enrolls with; its password is the device's enrollment token."""
+    return f"enroll-{device}"

@@ -59,10 +59,20 @@ def parse_broker(url: str) -> tuple[str, int, bool]:
     return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
 
 
+@dataclass(frozen=True)
+class BrokerAccess:
+    """How to get into a secured broker: an account, and the CA that signed the broker's certificate (None: the
+    system's CAs, for a broker with a public certificate)."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+
 class Link:
     def __init__(self, broker: str, client_id: str, *, max_packet: int = 1 << 20, max_message: int = 256 << 20,
                  keepalive: int = 30, will: tuple[str, Any] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None, access: BrokerAccess | None = None) -> None:
         """`on_refused(kind, reason)` is called for every refused message."""
         self.host, self.port, tls = parse_broker(broker)
         self.client_id, self.max_packet, self.max_message = client_id, max_packet, max_message
@@ -79,8 +89,13 @@ class Link:
         self._connect_error: str | None = None
         self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        access = access or BrokerAccess()
         if tls:
-            self.client.tls_set()
+            self.client.tls_set(ca_certs=access.ca_file)
+        elif access.ca_file:
+            raise ValueError(f"a CA file was given for {broker}, which is not TLS: use mqtts://")
+        if access.username is not None:
+            self.client.username_pw_set(access.username, access.password)
         if will is not None:
             self.client.will_set(will[0], json.dumps(will[1]), qos=1, retain=True)
         self.client.max_queued_messages_set(0)

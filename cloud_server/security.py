@@ -1,0 +1,233 @@
+"""Who may talk to the federation's broker, and about what: TLS certificates, accounts, ACLs, enrollment tokens.
+
+Everything lives in `<state>/security/`:
+
+    ca.crt, ca.key          a local certificate authority (devices get ca.crt to check the broker)
+    broker.crt, broker.key  the broker's TLS certificate, signed by the CA, for the names it is reached by
+    accounts.json           the one source of truth: every account, its password hash, its kind, expiry
+    passwd, acl             Mosquitto's password file and ACL file, rewritten from accounts.json on each change
+    mosquitto.conf          a listener section that uses all of the above (include it, or start from it)
+    server.password         the coordinator's and body workers' account password (mode 0600)
+
+Accounts and what each may touch (everything under `sfp/<federation>/`):
+- `service` (the coordinator, body workers, `sfp-cloud fleet`): all of it.
+- `enroll-<device>`: one device's enrollment only: publish `devices/<device>/up/enroll`, read its replies and the
+  server's status. Its password is the device's enrollment token: single-use (the server marks it used when it
+  enrolls the device, and drops the account soon after) and it expires.
+- `<device>` (issued at enrollment, password sent to the device in its `enrolled` reply): publish its own
+  `up/`, `status`, body forward and backward requests; read its own `down/` and the server's status. So a device
+  can neither act as another nor read another's replies; the broker enforces it, and the server also drops any
+  message whose claimed device id is not the one in its topic.
+
+Mosquitto reads `passwd` and `acl` at start and on SIGHUP: whoever runs the broker passes a reload hook.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sfp_common.errors import ConfigError
+from wire_protocol.contracts import enroll_account
+from wire_protocol.topics import Topics, check_name
+
+log = logging.getLogger(__name__)
+SERVICE = "sfp-server"
+USED_TOKEN_GRACE_S = 120.0      # an enroll account outlives its use a little: its bundle reply may still be in flight
+PBKDF2_ITERATIONS = 101         # what mosquitto_passwd writes ($7$ = PBKDF2-HMAC-SHA512)
+
+
+def password_hash(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A password in Mosquitto 2's password-file format."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def password_matches(password: str, stored: str) -> bool:
+    try:
+        _, kind, iterations, salt, _ = stored.split("$")
+        if kind != "7":
+            return False
+        expected = password_hash(password, base64.b64decode(salt), int(iterations))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(expected, stored)
+
+
+def acl_lines(topics: Topics, username: str, account: dict) -> list[str]:
+    """Mosquitto ACL file lines for one account."""
+    base = topics.base
+    if account["kind"] == "service":
+        return [f"user {username}", f"topic readwrite {base}/#", ""]
+    device = account["device"]
+    if account["kind"] == "enroll":
+        return [f"user {username}", f"topic write {topics.up(device, 'enroll')}",
+                f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
+    return [f"user {username}", f"topic write {topics.up(device, '+')}", f"topic write {topics.device_status(device)}",
+            f"topic write {topics.forward(device)}", f"topic write {topics.backward('+', device)}",
+            f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
+
+
+@dataclass(frozen=True)
+class Redemption:
+    ok: bool
+    reason: str = ""
+
+
+class Security:
+    """The accounts of one federation's broker, kept in `<state>/security/`; safe to use from several processes
+    (the running server and `sfp-cloud token`): every change holds a file lock."""
+
+    def __init__(self, folder: Path, federation: str, reload: Callable[[], None] | None = None) -> None:
+        self.folder, self.topics, self.reload_hook = Path(folder), Topics(federation), reload
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / "federation"
+        if marker.exists() and marker.read_text().strip() != federation:
+            raise ConfigError(f"{self.folder} holds the accounts of federation {marker.read_text().strip()!r}, "
+                              f"not {federation!r}")
+        marker.write_text(federation + "\n")
+
+    # ------------------------------------------------------------------ accounts
+    @contextmanager
+    def _accounts(self) -> Iterator[dict]:
+        """accounts.json under the lock; written back (with passwd and acl) when the block changed it."""
+        with open(self.folder / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.folder / "accounts.json"
+            accounts = json.loads(path.read_text()) if path.exists() else {}
+            before = json.dumps(accounts, sort_keys=True)
+            yield accounts
+            if json.dumps(accounts, sort_keys=True) != before:
+                self._write(accounts)
+                changed = True
+            else:
+                changed = False
+        if changed and self.reload_hook is not None:
+            self.reload_hook()
+
+    def _write(self, accounts: dict) -> None:
+        def atomic(name: str, text: str, mode: int = 0o600) -> None:
+            tmp = self.folder / f".{name}.tmp"
+            tmp.write_text(text)
+            os.chmod(tmp, mode)
+            os.replace(tmp, self.folder / name)
+        atomic("accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n")
+        atomic("passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())), 0o644)
+        atomic("acl", "\n".join(line for user, a in sorted(accounts.items())
+                                for line in acl_lines(self.topics, user, a)) + "\n", 0o644)
+
+    def accounts(self) -> dict:
+        with self._accounts() as accounts:
+            return {user: dict(a) for user, a in accounts.items()}
+
+    def add_service(self, username: str = SERVICE) -> str:
+        """A new password for a server-side account (the coordinator, body workers, the fleet view)."""
+        check_name("service", username)
+        password = secrets.token_urlsafe(24)
+        with self._accounts() as accounts:
+            accounts[username] = {"kind": "service", "hash": password_hash(password)}
+        return password
+
+    def issue_token(self, device: str, ttl_s: float) -> str:
+        """A single-use enrollment token for one device, valid `ttl_s` seconds; also its enroll account's password."""
+        check_name("device", device)
+        if ttl_s <= 0:
+            raise ConfigError(f"a token's time to live must be > 0 seconds, got {ttl_s}")
+        token = secrets.token_urlsafe(24)
+        with self._accounts() as accounts:
+            accounts[enroll_account(device)] = {"kind": "enroll", "device": device, "hash": password_hash(token),
+                                                "expires": time.time() + ttl_s, "used": None}
+        return token
+
+    def redeem(self, device: str, token: str) -> Redemption:
+        """Check a device's token and mark it used; a token is good once, for its device, before it expires."""
+        with self._accounts() as accounts:
+            entry = accounts.get(enroll_account(device))
+            if entry is None or entry.get("kind") != "enroll" or not password_matches(token, entry["hash"]):
+                return Redemption(False, "wrong enrollment token for this device")
+            if entry["used"] is not None:
+                return Redemption(False, "enrollment token already used")
+            if time.time() > entry["expires"]:
+                return Redemption(False, "enrollment token expired")
+            entry["used"] = time.time()
+        return Redemption(True)
+
+    def add_device(self, device: str) -> str:
+        """The device's own account (replacing any earlier one); returns its password, sent to the device once."""
+        check_name("device", device)
+        password = secrets.token_urlsafe(24)
+        with self._accounts() as accounts:
+            accounts[device] = {"kind": "device", "device": device, "hash": password_hash(password)}
+        return password
+
+    def prune(self, now: float | None = None) -> list[str]:
+        """Drop enroll accounts that expired or were used more than a grace period ago; returns their names."""
+        now = time.time() if now is None else now
+        with self._accounts() as accounts:
+            gone = [u for u, a in accounts.items() if a["kind"] == "enroll" and (
+                now > a["expires"] or (a["used"] is not None and now - a["used"] > USED_TOKEN_GRACE_S))]
+            for user in gone:
+                del accounts[user]
+        return gone
+
+
+# ---------------------------------------------------------------------------------------------------- TLS
+def _openssl(*args: str, cwd: Path) -> None:
+    try:
+        subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ConfigError("openssl is not installed (Debian/Ubuntu: apt-get install openssl)") from None
+    except subprocess.CalledProcessError as err:
+        raise ConfigError(f"openssl {args[0]} failed: {err.stderr.strip()}") from None
+
+
+def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
+    """A local CA (kept if it exists) and a broker certificate it signs for `hostnames` (DNS names or IPs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "ca.crt").exists():
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=SFPrompt federation CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                 cwd=folder)
+    names = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hostnames)
+    (folder / "broker.ext").write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
+                                       "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "broker.key",
+             "-out", "broker.csr", "-subj", f"/CN={hostnames[0]}", cwd=folder)
+    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "broker.crt", "-days", "825", "-extfile", "broker.ext", cwd=folder)
+    for name in ("ca.key", "broker.key"):
+        os.chmod(folder / name, 0o600)
+
+
+def listener_config(folder: Path, port: int = 8883, bind: str = "") -> str:
+    """A Mosquitto listener section: TLS with the broker certificate, accounts from passwd, ACLs from acl."""
+    folder = folder.resolve()
+    return "\n".join([f"listener {port} {bind}".rstrip(), f"cafile {folder / 'ca.crt'}",
+                      f"certfile {folder / 'broker.crt'}", f"keyfile {folder / 'broker.key'}",
+                      "tls_version tlsv1.2", "allow_anonymous false", f"password_file {folder / 'passwd'}",
+                      f"acl_file {folder / 'acl'}", ""])
+
+
+def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int = 8883) -> str:
+    """Set up a federation's broker security (certificates, the service account, the files Mosquitto reads);
+    returns the service account's password (also kept in server.password)."""
+    make_certificates(folder, hostnames)
+    password = Security(folder, federation).add_service()
+    secret = folder / "server.password"
+    secret.write_text(password + "\n")
+    os.chmod(secret, 0o600)
+    (folder / "mosquitto.conf").write_text(listener_config(folder, port))
+    return password

@@ -1,0 +1,131 @@
+"""Broker security on a real Mosquitto: TLS against the federation's own CA, accounts and ACLs that confine each
+device to its own topics, and enrollment tokens that work once, for one device, before they expire."""
+import queue
+import time
+
+import pytest
+
+from cloud_server.broker import LocalBroker
+from cloud_server.security import SERVICE, Security, make_certificates, password_hash, password_matches, secure
+from wire_protocol.contracts import enroll_account
+from wire_protocol.envelope import Message
+from wire_protocol.link import BrokerAccess, Link, LinkError
+from wire_protocol.topics import Topics
+
+FED = "sec"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """A TLS broker with accounts: the service, device 'dev-a' and 'dev-b', and an unused token for 'dev-c'."""
+    folder = tmp_path_factory.mktemp("security")
+    broker = LocalBroker(security=folder)
+    service = secure(folder, FED, ("localhost", "127.0.0.1"), broker.port)
+    security = Security(folder, FED, reload=broker.reload)
+    passwords = {d: security.add_device(d) for d in ("dev-a", "dev-b")}
+    token = security.issue_token("dev-c", ttl_s=600)
+    with broker as url:
+        yield {"url": url, "folder": folder, "security": security, "service": service, "passwords": passwords,
+               "token": token, "broker": broker}
+
+
+def access(secured, user, password) -> BrokerAccess:
+    return BrokerAccess(user, password, str(secured["folder"] / "ca.crt"))
+
+
+def test_password_hashes_are_mosquittos_format():
+    stored = password_hash("secret", bytes(range(12)))
+    assert stored.startswith("$7$101$") and password_matches("secret", stored)
+    assert not password_matches("Secret", stored) and not password_matches("secret", "garbage")
+    # The independent check: Mosquitto itself accepts these hashes (every login in this file goes through it).
+
+
+def test_tls_needs_the_federations_ca_and_an_account(secured, tmp_path):
+    url = secured["url"]
+    assert url.startswith("mqtts://")
+    with pytest.raises(LinkError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        Link(url, "no-ca", access=BrokerAccess(SERVICE, secured["service"])).connect(timeout=5)
+    other = tmp_path / "other-ca"
+    make_certificates(other)
+    with pytest.raises(LinkError, match="certificate verify failed|CERTIFICATE_VERIFY_FAILED"):
+        Link(url, "wrong-ca", access=BrokerAccess(SERVICE, secured["service"], str(other / "ca.crt"))).connect(5)
+    for user, password in ((None, None), (SERVICE, "wrong"), ("dev-a", secured["passwords"]["dev-b"])):
+        with pytest.raises(LinkError, match="refused"):
+            Link(url, f"bad-{user}", access=access(secured, user, password)).connect(timeout=5)
+    with pytest.raises(LinkError):
+        Link(url.replace("mqtts", "mqtt"), "plain").connect(timeout=3)    # the TLS port does not speak plain MQTT
+    link = Link(url, "good", access=access(secured, SERVICE, secured["service"])).connect(timeout=5)
+    link.close()
+
+
+def test_a_device_reaches_only_its_own_topics(secured):
+    topics, url = Topics(FED), secured["url"]
+    server = Link(url, "server", access=access(secured, SERVICE, secured["service"])).connect()
+    a = Link(url, "dev-a", access=access(secured, "dev-a", secured["passwords"]["dev-a"])).connect()
+    b = Link(url, "dev-b", access=access(secured, "dev-b", secured["passwords"]["dev-b"])).connect()
+    at_server, at_a, at_b = queue.Queue(), queue.Queue(), queue.Queue()
+    server.subscribe(topics.all_up(), lambda t, m: at_server.put((t, m.device)))
+    server.subscribe(topics.shared_forward(), lambda t, m: at_server.put((t, m.device)))
+    a.subscribe(topics.device_down("dev-a"), lambda t, m: at_a.put(t))
+    a.subscribe(topics.device_down("dev-b"), lambda t, m: at_a.put(t))          # not allowed: never delivers
+    a.subscribe(topics.all_up(), lambda t, m: at_a.put(t))                      # nor this
+    b.subscribe(topics.device_down("dev-b"), lambda t, m: at_b.put(t))
+    time.sleep(0.3)
+
+    a.send(topics.up("dev-a", "update"), Message("update", "dev-a"))            # its own: delivered
+    a.send(topics.forward("dev-a"), Message("forward", "dev-a"))
+    a.send(topics.up("dev-b", "update"), Message("update", "dev-b"))            # as another device: dropped
+    a.send(topics.forward("dev-b"), Message("forward", "dev-b"))
+    a.send(topics.down("dev-b", "round"), Message("round", "dev-b"))            # to another's replies: dropped
+    got = {at_server.get(timeout=5), at_server.get(timeout=5)}
+    assert got == {(topics.up("dev-a", "update"), "dev-a"), (topics.forward("dev-a"), "dev-a")}
+    server.send(topics.down("dev-b", "round"), Message("round", "dev-b"))       # the server's reply reaches b only
+    assert at_b.get(timeout=5) == topics.down("dev-b", "round")
+    time.sleep(0.5)
+    assert at_server.empty() and at_a.empty() and at_b.empty()
+    for link in (server, a, b):
+        link.close()
+
+
+def test_tokens_are_single_use_bound_to_a_device_and_expire(secured):
+    security, url = secured["security"], secured["url"]
+    topics = Topics(FED)
+    # The enroll account reaches its device's enrollment topic and nothing else.
+    enroll = Link(url, "dev-c-enroll", access=access(secured, enroll_account("dev-c"), secured["token"])).connect()
+    server = Link(url, "server-2", access=access(secured, SERVICE, secured["service"])).connect()
+    seen = queue.Queue()
+    server.subscribe(topics.all_up(), lambda t, m: seen.put(t))
+    time.sleep(0.3)
+    enroll.send(topics.up("dev-c", "update"), Message("update", "dev-c"))
+    enroll.send(topics.up("dev-c", "enroll"), Message("enroll", "dev-c"))
+    assert seen.get(timeout=5) == topics.up("dev-c", "enroll")
+    time.sleep(0.3)
+    assert seen.empty()
+    enroll.close()
+    server.close()
+
+    assert security.redeem("dev-a", secured["token"]).reason == "wrong enrollment token for this device"
+    assert security.redeem("dev-c", "guess").reason == "wrong enrollment token for this device"
+    assert security.redeem("dev-c", secured["token"]).ok
+    assert security.redeem("dev-c", secured["token"]).reason == "enrollment token already used"
+    short = security.issue_token("dev-d", ttl_s=0.05)
+    time.sleep(0.1)
+    assert security.redeem("dev-d", short).reason == "enrollment token expired"
+    # Used and expired enroll accounts leave the broker: the used one after its grace period.
+    now = time.time()
+    assert security.prune(now) == [enroll_account("dev-d")]
+    assert security.prune(now + 3600) == [enroll_account("dev-c")]
+    assert not any(a["kind"] == "enroll" for a in security.accounts().values())
+    with pytest.raises(LinkError, match="refused"):
+        Link(url, "dev-c-again", access=access(secured, enroll_account("dev-c"), secured["token"])).connect(5)
+
+
+def test_accounts_file_is_the_truth_and_secrets_are_not_in_it(secured):
+    folder = secured["folder"]
+    text = (folder / "accounts.json").read_text() + (folder / "passwd").read_text()
+    assert secured["service"] not in text and all(p not in text for p in secured["passwords"].values())
+    assert oct((folder / "accounts.json").stat().st_mode)[-3:] == "600"
+    assert oct((folder / "server.password").stat().st_mode)[-3:] == "600"
+    assert (folder / "server.password").read_text().strip() == secured["service"]
+    acl = (folder / "acl").read_text()
+    assert f"user dev-a\ntopic write sfp/{FED}/devices/dev-a/up/+" in acl
