@@ -12,11 +12,13 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup system-packages backbone demo simulate compare count bench bench-quick bench-device bench-serving bench-transport ort-training-env test clean
 
-# Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
+# Debian packages: the Fashion-MNIST files the backbone is pretrained on, the Mosquitto broker, and openssl (the
+# federation's local CA and the broker's TLS certificate).
 system-packages:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ ! -x /usr/sbin/mosquitto ]; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ ! -x /usr/sbin/mosquitto ] \
+			|| ! command -v openssl >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto openssl; \
 	fi
 
 $(BIN)/sfp-sim: setup.cfg pyproject.toml

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import secrets
 import shutil
 import tarfile
 import threading
@@ -108,6 +109,7 @@ class Coordinator:
         self.updates: queue.Queue[Message] = queue.Queue()
         self.enrollments: queue.Queue[Message | None] = queue.Queue()
         self.stop = threading.Event()
+        self.reconnected = threading.Event()       # set on a reconnect: the round in progress runs again
         self.status: dict[str, Any] = {"state": "starting", "federation": cfg.federation, "round": None,
                                        "rounds": cfg.rounds, "model": self.model_id}
         self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
@@ -148,12 +150,18 @@ class Coordinator:
 
     # ----------------------------------------------------------------------------------------- MQTT thread
     def start(self) -> Coordinator:
+        self.link.on_connect = self._on_connect
         self.link.connect()
         self.link.subscribe(self.topics.all_up(), self._on_up)
         self.link.subscribe_json(self.topics.all_status(), self._on_status)
         threading.Thread(target=self._enroll_loop, name="enrollment", daemon=True).start()
         self.publish_status(state="waiting for devices")
         return self
+
+    def _on_connect(self, reconnected: bool) -> None:
+        if reconnected:       # a new session: what was in flight may be lost, the retained status too
+            self.reconnected.set()
+            self.publish_status()
 
     def _on_up(self, topic: str, message: Message) -> None:
         device = self.topics.device_of(topic)
@@ -263,11 +271,14 @@ class Coordinator:
             self.run_round(self.next_round)
         self.publish_status(state="finished" if self.next_round > self.cfg.rounds else "stopped")
 
-    def _collect(self, wanted: set[str], round_index: int, kind: str, deadline: float) -> dict[str, Message]:
-        """The messages of `kind` for this round from the wanted devices, until all are in, the rest went
-        offline, or the deadline passed. Duplicates and other rounds' messages are ignored (idempotent)."""
+    def _collect(self, wanted: set[str], round_index: int, attempt: int, kind: str,
+                 deadline: float) -> dict[str, Message]:
+        """The messages of `kind` for this attempt at this round from the wanted devices, until all are in, the
+        rest went offline, the deadline passed, or the broker connection was lost (messages may be lost with it).
+        Duplicates, other rounds' and earlier attempts' messages are ignored (idempotent)."""
         got: dict[str, Message] = {}
-        while wanted - set(got) and time.monotonic() < deadline and not self.stop.is_set():
+        while (wanted - set(got) and time.monotonic() < deadline and not self.stop.is_set()
+               and not self.reconnected.is_set()):
             if not (wanted - set(got)) & set(self.online):
                 break                                     # everyone still missing is offline
             try:
@@ -275,9 +286,11 @@ class Coordinator:
             except queue.Empty:
                 continue
             topic = self.topics.up(message.device, message.type)
-            if message.round != round_index or message.device not in wanted or message.device in got:
-                if message.round != round_index:
-                    self.link.refuse(topic, f"a message for round {message.round} during round {round_index}", "stale")
+            if message.round != round_index or message.seq != attempt:
+                self.link.refuse(topic, f"a message for round {message.round} (attempt {message.seq}) during round "
+                                 f"{round_index} (attempt {attempt})", "stale")
+                continue
+            if message.device not in wanted or message.device in got:
                 continue
             if message.type == "report" and "aborted" in message.meta:
                 log.warning("%s aborted round %d: %s", message.device, round_index, message.meta["aborted"])
@@ -297,20 +310,25 @@ class Coordinator:
         return got
 
     def run_round(self, round_index: int) -> dict:
+        """One attempt at a round. Its messages carry a fresh attempt id (the envelope's seq, echoed by the devices),
+        so answers to an earlier attempt, or to a server that ran before a restart, never count."""
         start = time.time()
+        attempt = secrets.randbelow(2**31)
+        self.reconnected.clear()
         selected = self.select(round_index)
         self.publish_status(state="training", round=round_index, participants=selected)
         for device in selected:
             plan = self.plan(device, round_index)
             self.link.send(self.topics.down(device, "round"), Message(
-                "round", device, round_index, meta={"train": True, "plan": asdict(plan)},
+                "round", device, round_index, attempt, meta={"train": True, "plan": asdict(plan)},
                 tensors=self.global_state))
         deadline = time.monotonic() + self.cfg.round_deadline_s
-        updates = self._collect(set(selected), round_index, "update", deadline)
+        updates = self._collect(set(selected), round_index, attempt, "update", deadline)
         summary: dict[str, Any] = {"round": round_index, "selected": selected, "participants": sorted(updates)}
-        if not updates:      # nothing to aggregate: the round is not done, and runs again
-            log.warning("round %d: no device delivered an update; it will be run again", round_index)
-            self.publish_status(state="round failed", round=round_index, last_failure=summary)
+        if not updates or self.reconnected.is_set():    # the round is not done, and runs again
+            why = "the broker connection was lost" if self.reconnected.is_set() else "no device delivered an update"
+            log.warning("round %d: %s; it will be run again", round_index, why)
+            self.publish_status(state="round failed", round=round_index, last_failure={**summary, "reason": why})
             self.stop.wait(1.0)
             return summary
         ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
@@ -324,7 +342,7 @@ class Coordinator:
         if self.cfg.evaluate_on_devices:
             summary.update(self.evaluate_on_devices(round_index))
         summary["seconds"] = round(time.time() - start, 3)
-        self.registry.save_checkpoint(round_index, self.global_state, summary)
+        self.registry.save_checkpoint(round_index, self.global_state, summary)    # the round is done from here
         self.link.publish_json(self.topics.round_summary(round_index), summary, retain=True)
         self.metrics.rounds.inc()
         self.metrics.round_seconds.set(summary["seconds"])
@@ -339,11 +357,12 @@ class Coordinator:
 
     def evaluate_on_devices(self, round_index: int) -> dict:
         """The new global model on each online device's local test data (through the body): sample-weighted."""
-        devices = self.online_enrolled()
+        devices, attempt = self.online_enrolled(), secrets.randbelow(2**31)
         for device in devices:
             self.link.send(self.topics.down(device, "round"), Message(
-                "round", device, round_index, meta={"train": False}, tensors=self.global_state))
-        reports = self._collect(set(devices), round_index, "report", time.monotonic() + self.cfg.round_deadline_s)
+                "round", device, round_index, attempt, meta={"train": False}, tensors=self.global_state))
+        reports = self._collect(set(devices), round_index, attempt, "report",
+                                time.monotonic() + self.cfg.round_deadline_s)
         correct = sum(int(m.meta.get("correct", 0)) for m in reports.values())
         samples = sum(int(m.meta.get("samples", 0)) for m in reports.values())
         return {"accuracy": correct / samples if samples else None, "evaluated_on": samples,

@@ -8,6 +8,7 @@ and that round's number. `rounds.jsonl`: one summary per completed round. Every 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,24 +69,43 @@ class Registry:
 
     # ------------------------------------------------------------------ global state
     def save_checkpoint(self, round_index: int, state: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+        """Commit a round: its summary is appended first, then the checkpoint replaced atomically (the commit
+        point). A crash in between leaves a summary beyond the checkpoint, which `load_checkpoint` drops, so a
+        round is never recorded done without its model, nor twice."""
+        with open(self.folder / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         path = self.folder / "checkpoint.npz"
         tmp = path.with_name("checkpoint.tmp.npz")
         np.savez(tmp, __round__=np.array(round_index), **state)
         tmp.replace(path)
-        with open(self.folder / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(summary) + "\n")
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray]] | None:
         path = self.folder / "checkpoint.npz"
-        if not path.exists():
-            return None
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                state = {k: npz[k] for k in npz.files if k != "__round__"}
-                return int(npz["__round__"]), state
+            if not path.exists():
+                done, state = 0, None
+            else:
+                with np.load(path, allow_pickle=False) as npz:
+                    state = {k: npz[k] for k in npz.files if k != "__round__"}
+                    done = int(npz["__round__"])
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"checkpoint {path} cannot be read: {err}") from None
+        kept = [s for s in self.summaries() if isinstance(s, dict) and s.get("round", 0) <= done]
+        rounds = self.folder / "rounds.jsonl"
+        if rounds.exists() and len(rounds.read_text().splitlines()) != len(kept):
+            # summaries of rounds whose checkpoint never landed, or a line cut short by a crash
+            _write_atomic(self.folder / "rounds.jsonl", "".join(json.dumps(s) + "\n" for s in kept).encode())
+        return None if state is None else (done, state)
 
     def summaries(self) -> list[dict]:
+        """The completed rounds' summaries; a line cut short by a crash is skipped."""
         path = self.folder / "rounds.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out

@@ -235,13 +235,24 @@ class DeviceAgent:
         elif message.type in ("features", "gradient", "error"):
             self.remote.deliver(message)
 
+    def _on_server(self, topic: str, value: Any) -> None:
+        if isinstance(value, dict) and value.get("state") == "offline":
+            self.remote.abort("the server went offline")     # its replies will not come; the next server re-runs
+
+    def _on_connect(self, reconnected: bool) -> None:
+        if reconnected:
+            self.remote.abort("the connection to the broker was lost: replies in flight may be lost")
+            self.publish_status(state="online")
+
     # ------------------------------------------------------------------------------------------ main loop
     def run(self, heartbeat_s: float = 10.0) -> None:
+        self.link.on_connect = self._on_connect
         try:
             self.link.connect()
         except LinkError as err:
             raise ConfigError(str(err)) from None
         self.link.subscribe(self.topics.device_down(self.config.device), self._on_down)
+        self.link.subscribe_json(self.topics.server_status(), self._on_server)
         self.publish_status(state="online", activity="idle")
         last = time.monotonic()
         try:
@@ -274,11 +285,11 @@ class DeviceAgent:
             if message.meta.get("train", True):
                 self._train(message, index, start, sent0, received0)
             else:
-                self._evaluate(index)
+                self._evaluate(index, message.seq)
         except (RoundAborted, BundleError) as err:     # the server's answer was missing or did not fit
             log.warning("%s: round %d aborted: %s", self.config.device, index, err)
             self.link.send(self.topics.up(self.config.device, "report"),
-                           Message("report", self.config.device, index, meta={"aborted": str(err)}))
+                           Message("report", self.config.device, index, message.seq, meta={"aborted": str(err)}))
         self.publish_status(activity="idle")
 
     def _train(self, message: Message, index: int, start: float, sent0: int, received0: int) -> None:
@@ -297,7 +308,7 @@ class DeviceAgent:
                                                           for v in result.upload.values())
         down = self.link.traffic.payload_received - received0
         mqtt_up = self.link.send(self.topics.up(self.config.device, "update"), Message(
-            "update", self.config.device, index,
+            "update", self.config.device, index, message.seq,          # seq: the server's attempt id, echoed
             meta={"num_samples": result.num_samples, "kept": result.kept,
                   "loss": result.loss_sum / max(1, result.kept), "payload_up": up, "payload_down": down,
                   "seconds": round(time.time() - start, 3)},
@@ -305,7 +316,7 @@ class DeviceAgent:
         self.status["last_round"] = {"round": index, "payload_up": up, "payload_down": down,
                                      "mqtt_up": mqtt_up}
 
-    def _evaluate(self, index: int) -> None:
+    def _evaluate(self, index: int, attempt: int) -> None:
         self.publish_status(activity="evaluating", round=index)
         correct, total = 0, 0
         if self.x_test is not None:
@@ -316,5 +327,5 @@ class DeviceAgent:
                 correct += int((logits.argmax(axis=1) == self.y_test[i:i + batch]).sum())
                 total += len(logits)
         self.link.send(self.topics.up(self.config.device, "report"), Message(
-            "report", self.config.device, index,
+            "report", self.config.device, index, attempt,
             meta={"correct": correct, "samples": total, "accuracy": correct / total if total else None}))

@@ -51,9 +51,11 @@ def enroll(broker, token, ca, profile, data, federation, device_id, timeout, sta
     run_cli(job)
 
 
-@main.command()
+@main.command(context_settings={"show_default": True})
 @state_option
-def run(state) -> None:
+@click.option("--round-timeout", type=float, default=120.0,
+              help="Seconds to wait for the server's answer to a split batch before dropping the round.")
+def run(state, round_timeout) -> None:
     """Take part in rounds until stopped (Ctrl-C or SIGTERM leave cleanly, status offline)."""
     from edge_client.agent import DeviceAgent
 
@@ -61,7 +63,7 @@ def run(state) -> None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        agent = DeviceAgent(state, stop)
+        agent = DeviceAgent(state, stop, round_timeout_s=round_timeout)
         click.echo(f"{agent.config.device}: in federation {agent.config.federation} at {agent.config.broker}, "
                    f"{len(agent.y_train)} training samples; Ctrl-C to leave")
         agent.run()

@@ -3,7 +3,8 @@
 `forward` publishes the smashed tokens (in the federation's wire dtype) to the shared body topic, where any body
 worker may take them, and waits for the features; the reply names the worker, and `backward` sends dL/dfeatures
 to that worker and waits for the gradient. Replies are matched by (round, sequence number); a stale or duplicate
-reply is dropped, an error reply or a timeout aborts the round.
+reply is dropped, an error reply, a timeout or `abort` (the server went offline, the connection was lost) aborts
+the round.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class RemoteBody:
         self.stop = stop or threading.Event()      # set: the device is leaving; the round ends at the next reply
         self.replies: queue.Queue[Message] = queue.Queue()
         self.round, self.seq, self.worker = 0, 0, None
+        self.aborted: str | None = None            # set by `abort`: the round ends at the next wait
         self._lock = threading.Lock()
 
     def deliver(self, message: Message) -> None:
@@ -37,9 +39,13 @@ class RemoteBody:
 
     def begin(self, round_index: int) -> None:
         with self._lock:
-            self.round = round_index
+            self.round, self.aborted = round_index, None
         while not self.replies.empty():
             self.replies.get_nowait()
+
+    def abort(self, reason: str) -> None:
+        """End the current round at its next wait (from any thread)."""
+        self.aborted = reason
 
     def forward(self, tokens: np.ndarray, evaluate: bool = False) -> np.ndarray:
         self.seq += 1
@@ -62,6 +68,8 @@ class RemoteBody:
         while True:
             if self.stop.is_set():
                 raise RoundAborted("the device is leaving")
+            if self.aborted is not None:
+                raise RoundAborted(self.aborted)
             try:
                 reply = self.replies.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except queue.Empty:

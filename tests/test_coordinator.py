@@ -111,18 +111,26 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     threading.Thread(target=lambda: done.update(server.run_round(1)), daemon=True).start()
     plan = rounds.get(timeout=10)
     assert plan.meta["train"] and plan.meta["plan"]["batch_size"] == load_profile("x86").batch_size
-    link.send(topics.up("dev", "update"), Message("update", "dev", 7, meta={"num_samples": 5}, tensors=good))  # stale
-    link.send(topics.up("dev", "update"), Message("update", "dev", 1, meta={"num_samples": 5}, tensors=bad))
-    link.send(topics.up("dev", "update"), Message("update", "dev", 1, meta={"num_samples": 5}, tensors=good))
+    attempt = plan.seq                      # the devices echo it: answers to other attempts never count
+    other = {k: v - 9.0 for k, v in good.items()}
+    link.send(topics.up("dev", "update"), Message("update", "dev", 7, attempt, {"num_samples": 5}, good))  # stale
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt + 1, {"num_samples": 5}, other))
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, bad))
+    updates_before = server.metrics.updates._value.get()
+    for _ in range(2):                      # delivered twice (QoS 1 may): one update per device is kept
+        link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, good))
     evaluation = rounds.get(timeout=10)
-    assert evaluation.meta["train"] is False
-    link.send(topics.up("dev", "report"), Message("report", "dev", 1, meta={"correct": 3, "samples": 4}))
+    assert evaluation.meta["train"] is False and evaluation.seq != attempt
+    link.send(topics.up("dev", "report"), Message("report", "dev", 1, evaluation.seq,
+                                                  meta={"correct": 3, "samples": 4}))
     assert wait_for(lambda: bool(done), 10)
     assert done["participants"] == ["dev"] and done["accuracy"] == 0.75
+    assert server.metrics.updates._value.get() - updates_before == 1
     for name, value in good.items():
         np.testing.assert_array_equal(server.global_state[name], value)     # FedAvg of one update is that update
     reasons = " | ".join(reason for _, reason in server.link.recent_refusals)
-    assert "round 7 during round 1" in reasons and "head.prompts is float32[3, 3]" in reasons
+    assert f"round 7 (attempt {attempt}) during round 1" in reasons and "head.prompts is float32[3, 3]" in reasons
+    assert f"round 1 (attempt {attempt + 1}) during round 1 (attempt {attempt})" in reasons
     summary = json.loads((server.cfg.state_dir / "rounds.jsonl").read_text().splitlines()[-1])
     assert summary["round"] == 1
     link.close()

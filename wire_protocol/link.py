@@ -86,6 +86,8 @@ class Link:
         self._handlers: list[tuple[str, Callable[[str, bytes], None]]] = []
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self.on_connect: Callable[[bool], None] | None = None   # (reconnected) after each connection is set up
+        self._connections = 0
         self._connect_error: str | None = None
         self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -130,7 +132,12 @@ class Link:
             topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
         for sub_id, topic in topics:          # again after a reconnect: the session is clean
             client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+        self._connections += 1
         self._connected.set()
+        if self.on_connect is not None:
+            # After a reconnect the session is new: anything in flight may be lost, and a restarted broker
+            # without persistence has forgotten the retained status. The owner re-announces and recovers.
+            self.on_connect(self._connections > 1)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
