@@ -10,7 +10,7 @@ EDGE_FIXTURES ?= build/edge-fixtures
 ORT_TRAINING_VENV ?= .venv-ort-training
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo simulate compare count bench bench-quick bench-device bench-serving bench-transport ort-training-env test clean
+.PHONY: setup system-packages backbone demo simulate compare count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, the Mosquitto broker, and openssl (the
 # federation's local CA and the broker's TLS certificate).
@@ -72,6 +72,11 @@ bench-serving: setup
 
 bench-transport: setup
 	$(BIN)/python bench/transport.py --trials 5
+
+# A secured federation (4 device processes) with faults injected at random for 12 rounds, against the fault-free
+# run with the same seed (a few minutes; bench/results/chaos/).
+bench-chaos: backbone
+	$(BIN)/python bench/chaos.py --rounds 12 --devices 4
 
 $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_VENV)

@@ -56,6 +56,9 @@ ITEMS = (
          ("--trials", "5"), ("--trials", "1", "--sizes", "65536,1048576")),
     Item("device-step", "On-device step time and memory against PyTorch (issue 3's targets)", "bench/device_step.py",
          (), ("--models", "vit_tiny_patch16_224", "--batches", "8", "--reps", "5")),
+    Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
+         ("--rounds", "12", "--devices", "4"), ("--rounds", "3", "--devices", "3", "--samples", "300",
+                                                "--interval", "6")),
 )
 
 
@@ -167,7 +170,7 @@ def write_results(root: Path, page: Path, command: str) -> str:
             continue
         lines += ["", f"## {item.title}", "", f"Folder: `{os.path.relpath(folder, page.parent)}/`.", "",
                   _relink(_demote(body), folder, page).strip()]
-        for png in ("goodput.png",):
+        for png in ("goodput.png", "timeline.png"):
             if (folder / png).exists():
                 lines += ["", f"![{png}]({os.path.relpath(folder / png, page.parent)})"]
     text = "\n".join(lines) + "\n"

@@ -122,17 +122,18 @@ class BodyWorker:
         if not self._claimed_by_topic(topic, message):
             return
         tokens = message.tensors.get("tokens")
-        if message.type != "forward" or tokens is None or tokens.ndim != 3 or tokens.shape[1:] != (
-                self.num_tokens, self.embed_dim) or len(tokens) == 0:
-            self._error(message, f"a forward needs tokens [B, {self.num_tokens}, {self.embed_dim}]")
+        if message.type != "forward" or tokens is None or tokens.dtype != np.float32 or tokens.ndim != 3 or (
+                tokens.shape[1:] != (self.num_tokens, self.embed_dim)) or len(tokens) == 0:
+            self._error(message, f"a forward needs float tokens [B, {self.num_tokens}, {self.embed_dim}]")
             return
         self.queue.put(_Request("forward", message, tokens))
 
     def _on_backward(self, topic: str, message: Message) -> None:
         if not self._claimed_by_topic(topic, message):
             return
-        if message.type != "backward" or "dfeatures" not in message.tensors:
-            self._error(message, "a backward needs dfeatures")
+        dfeatures = message.tensors.get("dfeatures")
+        if message.type != "backward" or dfeatures is None or dfeatures.dtype != np.float32:
+            self._error(message, "a backward needs float dfeatures")
             return
         self.queue.put(_Request("backward", message))
 
@@ -238,4 +239,5 @@ class BodyWorker:
         self._published, self._dirty = time.monotonic(), False
         self.link.publish_json(self.topics.worker_status(self.worker_id),
                                {"worker": self.worker_id, "state": state, "device": str(self.compute.device),
-                                **self.served, "updated": round(time.time(), 3)}, retain=True)
+                                **self.served, "refused": dict(self.link.refused),
+                                "updated": round(time.time(), 3)}, retain=True)

@@ -93,8 +93,9 @@ def class_names(classes: str) -> tuple[str, ...]:
 
 
 def start_worker(broker: str, federation: str, model, worker_id: str, torch_device: str, body_dtype: str,
-                 max_packet: int, access=None):
-    """A body worker on its own connection, serving until the process ends."""
+                 max_packet: int, access=None, on_refused=None):
+    """A body worker on its own connection, serving until the process ends; `on_refused(kind, reason)` counts
+    what it refuses (the server's Prometheus metrics)."""
     import torch
 
     from cloud_server.body import BodyCompute, BodyWorker
@@ -105,7 +106,8 @@ def start_worker(broker: str, federation: str, model, worker_id: str, torch_devi
                           torch.bfloat16 if body_dtype == "bf16" else torch.float32)
     with torch.no_grad():
         num_tokens, dim = model.head(torch.zeros(1, *image_shape(model))).shape[1:]
-    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet, access=access).connect()
+    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet, access=access,
+                on_refused=on_refused).connect()
     worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim).start()
     log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
     return worker
@@ -144,8 +146,8 @@ def main() -> None:
 @click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
 def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, optimizer, lr, weight_decay, momentum, epochs,
-          local_loss_epochs, keep, fraction, min_devices, deadline, no_device_eval, backends, training_python,
+          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, optimizer, lr,
+          weight_decay, momentum, epochs, local_loss_epochs, keep, fraction, min_devices, deadline, no_device_eval, backends, training_python,
           workers, max_packet, metrics_port) -> None:
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body."""
     from cloud_server.coordinator import Coordinator, FederationConfig
@@ -155,7 +157,8 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
 
     def job() -> None:
         cfg = FederationConfig(
-            federation=federation, model=model, classes=class_names(classes), state_dir=state_dir, split=SplitSpec(prompts, head_blocks, tail_blocks),
+            federation=federation, model=model, classes=class_names(classes), state_dir=state_dir,
+            split=SplitSpec(prompts, head_blocks, tail_blocks),
             optimizer=OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum), img_size=img_size,
             pretrained=not random_init, seed=seed, rounds=rounds, lr=lr, epochs=epochs,
             local_loss_epochs=local_loss_epochs, keep=keep, fraction=fraction, min_devices=min_devices,
@@ -170,7 +173,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
                                   max_packet=max_packet, access=access,
                                   reload_broker=reload_command(broker_reload)).start()
         bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
-                               body_dtype, max_packet, access) for i in range(workers)]
+                               body_dtype, max_packet, access, coordinator.link.on_refused) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)
         try:
             coordinator.run()

@@ -110,6 +110,7 @@ class Coordinator:
         self.enrollments: queue.Queue[Message | None] = queue.Queue()
         self.stop = threading.Event()
         self.reconnected = threading.Event()       # set on a reconnect: the round in progress runs again
+        self.round_in_progress: int | None = None
         self.status: dict[str, Any] = {"state": "starting", "federation": cfg.federation, "round": None,
                                        "rounds": cfg.rounds, "model": self.model_id}
         self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
@@ -174,6 +175,10 @@ class Coordinator:
             if self.registry.get(device) is None:
                 self.link.refuse(topic, f"unknown device {device!r}", "unknown device")
                 return
+            if message.round != self.round_in_progress:      # replays and late answers are not even queued
+                self.link.refuse(topic, f"a message for round {message.round}; round in progress: "
+                                 f"{self.round_in_progress}", "stale")
+                return
             self.updates.put(message)
         else:
             self.link.refuse(topic, f"a device does not send {message.type!r} messages", "unexpected type")
@@ -181,6 +186,7 @@ class Coordinator:
     def _on_status(self, topic: str, value: Any) -> None:
         device = self.topics.device_of(topic)
         if device is None or not isinstance(value, dict):
+            self.link.refuse(topic, "a device status must be a JSON object", "malformed")
             return
         if value.get("state") == "online":
             self.online[device] = value
@@ -315,6 +321,13 @@ class Coordinator:
         start = time.time()
         attempt = secrets.randbelow(2**31)
         self.reconnected.clear()
+        self.round_in_progress = round_index
+        try:
+            return self._run_round(round_index, attempt, start)
+        finally:
+            self.round_in_progress = None
+
+    def _run_round(self, round_index: int, attempt: int, start: float) -> dict:
         selected = self.select(round_index)
         self.publish_status(state="training", round=round_index, participants=selected)
         for device in selected:

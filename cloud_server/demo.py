@@ -2,10 +2,10 @@
 
 A Mosquitto broker on loopback, secured as `sfp-cloud secure` sets one up (TLS with a local CA, an account per
 device, ACLs; `tls=False` for an open one); `sfp-cloud serve` (coordinator + body worker); N devices, each given a
-single-use token and enrolled with `sfp-edge enroll` on its own non-IID share of MNIST 5k (Dirichlet label skew, written as image folders) and run
-with `sfp-edge run`. Progress comes from the broker (the round summaries the server retains); at the end the
-fleet table, `rounds.md`, `rounds.json` and `federation.png` (accuracy and bytes per round) land in the output
-folder. The backbone is the in-house ViT pretrained on Fashion-MNIST (`sfp-pretrain`), fine-tuned on MNIST.
+single-use token, enrolled with `sfp-edge enroll` on its own non-IID share of MNIST 5k (Dirichlet label skew,
+written as image folders) and run with `sfp-edge run`. Progress comes from the broker (the round summaries the
+server retains); at the end the fleet table, `rounds.md`, `rounds.json` and `federation.png` (accuracy and bytes
+per round) land in the output folder. The backbone is the in-house ViT pretrained on Fashion-MNIST (`sfp-pretrain`), fine-tuned on MNIST.
 """
 from __future__ import annotations
 
@@ -76,6 +76,90 @@ def rounds_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class LocalFederation:
+    """A whole federation on this machine, one process per part: a Mosquitto broker (secured as `sfp-cloud secure`
+    sets one up, unless `tls=False`), `sfp-cloud serve`, and devices each given a single-use token, enrolled with
+    `sfp-edge enroll` and run with `sfp-edge run`. Parts can be killed, frozen and restarted (bench/chaos.py)."""
+
+    def __init__(self, out: Path, shares: list[Path], classes: list[str], serve_args: list[str],
+                 profile: str = "auto", tls: bool = True, device_args: list[str] = ()) -> None:
+        self.out, self.shares, self.classes, self.profile, self.tls = out, shares, classes, profile, tls
+        self.serve_args, self.device_args = serve_args, list(device_args)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFP_LOG": "WARNING"}
+        self.folder, self.port = out / "server" / "security", free_port()
+        self.access, self.ca = BrokerAccess(), []
+        if tls:
+            self.access = BrokerAccess(SERVICE, secure(self.folder, FEDERATION, ("localhost", "127.0.0.1"),
+                                                       self.port), str(self.folder / "ca.crt"))
+            self.ca = ["--ca", str(self.folder / "ca.crt")]
+        self.broker = LocalBroker(port=self.port, log=out / "broker.log", security=self.folder if tls else None)
+        self.url = self.broker.url
+        self.procs: list[subprocess.Popen] = []
+        self.devices: list[subprocess.Popen | None] = [None] * len(shares)
+        self.server: subprocess.Popen | None = None
+        self.summaries: queue.Queue[dict] = queue.Queue()
+        self.watcher: Link | None = None
+        self.topics = Topics(FEDERATION)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stderr=subprocess.STDOUT,
+                                stdout=open(self.out / f"{name}.log", "a"))
+        self.procs.append(proc)
+        return proc
+
+    def start_broker(self) -> None:
+        self.broker.start()
+
+    def start_server(self) -> None:
+        self.server = self.spawn("server", ["cloud_server.cli", "serve", "--broker", self.url, "--federation",
+                                            FEDERATION, "--classes", ",".join(self.classes), "--state",
+                                            str(self.out / "server"), "--broker-reload",
+                                            f"kill -HUP {self.broker.process.pid}", *self.serve_args])
+
+    def enroll(self, i: int) -> str:
+        token = Security(self.folder, FEDERATION, reload=self.broker.reload).issue_token(f"device-{i}", 3600)
+        enrolled = subprocess.run(
+            [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", self.url, "--token", token, *self.ca,
+             "--profile", self.profile, "--data", str(self.shares[i]), "--federation", FEDERATION,
+             "--device-id", f"device-{i}", "--state", str(self.device_state(i)), "--timeout", "600"],
+            env=self.env, capture_output=True, text=True)
+        if enrolled.returncode != 0:
+            raise ConfigError(f"device-{i} could not enroll: {enrolled.stderr.strip()}")
+        return enrolled.stdout.strip()
+
+    def device_state(self, i: int) -> Path:
+        return self.out / f"device-{i}" / "state"
+
+    def start_device(self, i: int) -> None:
+        self.devices[i] = self.spawn(f"device-{i}", ["edge_client.cli", "run", "--state", str(self.device_state(i)),
+                                                     *self.device_args])
+
+    def watch(self) -> None:
+        """Round summaries, as the server retains them, into `summaries`."""
+        self.watcher = Link(self.url, f"{FEDERATION}-watcher", access=self.access).connect()
+        self.watcher.subscribe_json(f"{self.topics.base}/rounds/+", lambda topic, value: self.summaries.put(value))
+
+    def fleet(self) -> str:
+        seen: dict = {}
+        self.watcher.subscribe_json(f"{self.topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
+        time.sleep(1.0)
+        return format_fleet(self.topics, seen)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.watcher is not None:
+            self.watcher.close()
+        self.broker.stop()
+
+
 def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | None, seed: int, lr: float,
              epochs: int, prompts: int, profile: str, say: Callable[[str], None] = print,
              tls: bool = True) -> list[dict]:
@@ -85,55 +169,26 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
     start = time.time()
     say(f"writing {devices} non-IID shares of MNIST 5k (Dirichlet alpha={alpha})")
     shares, classes = write_shares(out, devices, alpha, seed)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SFP_LOG": "WARNING"}
-    procs: list[subprocess.Popen] = []
-
-    def spawn(name: str, args: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=open(out / f"{name}.log", "w"),
-                                stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    folder, port = out / "server" / "security", free_port()
-    access, ca = BrokerAccess(), []
-    if tls:
-        access = BrokerAccess(SERVICE, secure(folder, FEDERATION, ("localhost", "127.0.0.1"), port),
-                              str(folder / "ca.crt"))
-        ca = ["--ca", str(folder / "ca.crt")]
-    broker = LocalBroker(port=port, log=out / "broker.log", security=folder if tls else None)
-    url = broker.start()
-    say(f"broker: Mosquitto at {url}" + (f" (TLS, CA {folder / 'ca.crt'}, an account per device)" if tls else ""))
-    security = Security(folder, FEDERATION, reload=broker.reload)
-    summaries: queue.Queue[dict] = queue.Queue()
-    watcher = Link(url, "demo-watcher", access=access).connect()
-    topics = Topics(FEDERATION)
-    watcher.subscribe_json(f"{topics.base}/rounds/+", lambda topic, value: summaries.put(value))
+    fed = LocalFederation(out, shares, classes, ["--model", model, "--prompts", str(prompts), "--rounds",
+                                                 str(rounds), "--lr", str(lr), "--epochs", str(epochs), "--seed",
+                                                 str(seed), "--min-devices", str(devices), "--deadline", "900"],
+                          profile, tls)
+    fed.start_broker()
+    say(f"broker: Mosquitto at {fed.url}" + (f" (TLS, CA {fed.folder / 'ca.crt'}, an account per device)"
+                                               if tls else ""))
     try:
-        server = spawn("server", ["cloud_server.cli", "serve", "--broker", url, "--federation", FEDERATION,
-                                  "--model", model, "--classes", ",".join(classes), "--prompts", str(prompts),
-                                  "--state", str(out / "server"), "--rounds", str(rounds),
-                                  "--broker-reload", f"kill -HUP {broker.process.pid}",
-                                  "--lr", str(lr), "--epochs", str(epochs), "--seed", str(seed),
-                                  "--min-devices", str(devices),
-                                  "--deadline", "900"])
+        fed.watch()
+        fed.start_server()
         say("server: exporting the device bundle (checked against PyTorch), starting the body worker")
-        for i, share in enumerate(shares):
-            token = security.issue_token(f"device-{i}", ttl_s=3600)     # as `sfp-cloud token` does
-            enrolled = subprocess.run(
-                [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", url, "--token", token, *ca,
-                 "--profile", profile, "--data", str(share), "--federation", FEDERATION, "--device-id", f"device-{i}",
-                 "--state", str(out / f"device-{i}" / "state"), "--timeout", "600"],
-                env=env, capture_output=True, text=True)
-            if enrolled.returncode != 0:
-                raise ConfigError(f"device-{i} could not enroll: {enrolled.stderr.strip()}")
-            say(f"device-{i}: {enrolled.stdout.strip()}")
-            spawn(f"device-{i}", ["edge_client.cli", "run", "--state", str(out / f"device-{i}" / "state")])
+        for i in range(devices):
+            say(f"device-{i}: {fed.enroll(i)}")
+            fed.start_device(i)
         rows: list[dict] = []
         while len(rows) < rounds:
             try:
-                row = summaries.get(timeout=1.0)
+                row = fed.summaries.get(timeout=1.0)
             except queue.Empty:
-                if server.poll() is not None:
+                if fed.server.poll() is not None:
                     raise ConfigError(f"the server stopped early; see {out / 'server.log'}") from None
                 continue
             rows.append(row)
@@ -141,22 +196,10 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
             say(f"round {row['round']}/{rounds}: {len(row['participants'])} devices, accuracy {acc}, "
                 f"{row.get('payload_up', 0) / 1e3:.1f} KB up + {row.get('payload_down', 0) / 1e3:.1f} KB down "
                 f"per device, {row['seconds']:.1f} s")
-        server.wait(60)
-        seen: dict = {}
-        watcher.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
-        time.sleep(1.0)
-        fleet = format_fleet(topics, seen)
+        fed.server.wait(60)
+        fleet = fed.fleet()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        watcher.close()
-        broker.stop()
+        fed.close()
     rows.sort(key=lambda r: r["round"])
     (out / "rounds.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "rounds.md").write_text(rounds_table(rows))

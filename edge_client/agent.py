@@ -124,19 +124,31 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     replies: queue.Queue[Message] = queue.Queue()
     server: dict[str, Any] = {}
     access = BrokerAccess(enroll_account(device), token, ca_file)
-    link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect()
     request = Message("enroll", device, meta={"token": token, "profile": profile.as_dict(),
                                               "hardware": hardware_facts(), "num_samples": num_samples,
                                               "classes": classes})
-    try:
+
+    def connect() -> Link:
+        server.clear()
+        link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect()
         link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
         link.subscribe_json(topics.server_status(), lambda topic, value: server.update(value))
+        return link
+
+    link = connect()
+    try:
         deadline, sent = time.monotonic() + timeout, None
         while True:
-            # Ask once the server's retained status says it is up, and again every 15 s (a server that was
-            # still starting, or restarted, never saw the first request; enrolling twice is harmless).
-            if server.get("state") not in (None, "offline", "starting") and (
-                    sent is None or time.monotonic() - sent > 15):
+            # Ask once the server's retained status says it is up. No answer in 15 s (a server that was still
+            # starting or restarted never saw the request; a broker that had not yet loaded this account's
+            # permissions dropped it): ask again on a fresh connection. The token works once, so a second
+            # request the server does see is refused, after the first one's answer.
+            if sent is not None and time.monotonic() - sent > 15:
+                link.close()
+                link, sent = connect(), None
+            if server.get("state") in ("finished", "stopped"):
+                raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
+            if server.get("state") not in (None, "offline", "starting") and sent is None:
                 link.send(topics.up(device, "enroll"), request)
                 sent = time.monotonic()
             try:

@@ -106,7 +106,8 @@ class Run:
             assert made.returncode == 0, made.stderr
             self.own_broker = LocalBroker(port=port, security=security, log=self.folder / "broker.log")
             broker = self.own_broker.start()
-            reload, ca = ["--broker-reload", f"kill -HUP {self.own_broker.process.pid}"], ["--ca", str(security / "ca.crt")]
+            reload = ["--broker-reload", f"kill -HUP {self.own_broker.process.pid}"]
+            ca = ["--ca", str(security / "ca.crt")]
         self.broker = broker
         model = ["--model", setup["checkpoint"], "--classes", "10", "--prompts", "2", "--seed", "7",
                  "--federation", name, "--broker", broker]

@@ -58,6 +58,7 @@ class Reassembler:
         self.partial: dict[tuple[str, str], _Partial] = {}
         self.done: dict[tuple[str, str], float] = {}     # recently completed, so late duplicates are ignored
         self.expired = 0                                  # partial messages dropped for waiting too long
+        self.dropped: list[tuple[str, str]] = []          # (key, why) of those, for the owner to report
 
     def pending_bytes(self) -> int:
         return sum(p.held for p in self.partial.values())
@@ -117,7 +118,9 @@ class Reassembler:
         now = self.clock()
         stale = [slot for slot, p in self.partial.items() if now - p.started > self.timeout_s]
         for slot in stale:
-            del self.partial[slot]
+            part = self.partial.pop(slot)
+            self.dropped.append((slot[0], f"message {slot[1]} incomplete after {self.timeout_s:.0f} s: "
+                                          f"{len(part.pieces)} of {part.count} chunks arrived"))
         self.expired += len(stale)
         for slot in [s for s, t in self.done.items() if now - t > self.timeout_s]:
             del self.done[slot]

@@ -177,13 +177,17 @@ class Link:
     def subscribe(self, topic: str, handler: MessageHandler) -> None:
         """Protocol messages on `topic` (wildcards allowed), checked and reassembled, to handler(topic, message)."""
         def raw(actual: str, payload: bytes) -> None:
+            message, error = None, None
             try:
                 whole = self.reassembler.feed(actual, payload)
-                if whole is None:
-                    return
-                message = unpack(whole, self.max_message)
+                message = None if whole is None else unpack(whole, self.max_message)
             except WireError as err:
-                self.refuse(actual, str(err))
+                error = str(err)
+            while self.reassembler.dropped:            # messages whose chunks never all came
+                self.refuse(*self.reassembler.dropped.pop(0), "incomplete")
+            if error is not None:
+                self.refuse(actual, error)
+            if message is None:
                 return
             with self._lock:
                 self.traffic.payload_received += message.payload_bytes
@@ -209,7 +213,7 @@ class Link:
         with self._lock:
             self.refused[kind] += 1
             self.recent_refusals.append((topic, reason))
-        log.warning("%s: refused a message on %s: %s", self.client_id, topic, reason)
+        log.warning("%s: refused a message on %s (%s): %s", self.client_id, topic, kind, reason)
         if self.on_refused is not None:
             self.on_refused(kind, reason)
 

@@ -1,0 +1,218 @@
+"""Every topic the server listens on, fed bad input: each packet is refused with a logged reason and counted in
+the Prometheus metrics, and the server (coordinator and body worker) goes on enrolling and serving."""
+import io
+import json
+import queue
+import tarfile
+import time
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+
+from cloud_server.broker import free_port
+from cloud_server.cli import start_worker
+from cloud_server.coordinator import Coordinator, FederationConfig
+from edge_client.agent import install_bundle
+from edge_client.profiles import load_profile
+from export.split import SplitSpec
+from sfp_common.bundle import BundleError
+from wire_protocol.chunking import CHUNK_MAGIC, PREFIX as CHUNK_PREFIX, split
+from wire_protocol.envelope import PREFIX, Message, pack
+from wire_protocol.link import Link, wait_for
+from wire_protocol.topics import Topics
+
+FED = "fuzz"
+WORKER = "fuzz-w0"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, broker):
+    """A coordinator and a body worker sharing the coordinator's metrics; one enrolled, online device 'dev'."""
+    cfg = FederationConfig(federation=FED, model="vit_tiny_patch16_224", classes=tuple(str(i) for i in range(10)),
+                           state_dir=tmp_path_factory.mktemp("fuzz") / "state", split=SplitSpec(2, 0, 0),
+                           img_size=16, pretrained=False)
+    coordinator = Coordinator(cfg, broker).start()
+    worker = start_worker(broker, FED, coordinator.model, WORKER, "cpu", "fp32", 1 << 20,
+                          on_refused=coordinator.link.on_refused)
+    device = Link(broker, "dev").connect()
+    assert enroll(coordinator, device, "dev").type == "enrolled"
+    device.publish_json(Topics(FED).device_status("dev"), {"device": "dev", "state": "online"}, retain=True)
+    assert wait_for(lambda: coordinator.online_enrolled() == ["dev"], 5)
+    yield coordinator, worker, device
+    device.close()
+    worker.stop()
+    worker.link.close()
+    coordinator.close()
+
+
+def enroll(coordinator, link, device):
+    topics, replies = Topics(FED), queue.Queue()
+    link.subscribe(topics.device_down(device), lambda t, m: replies.put(m) if m.type in ("enrolled", "refused")
+                   else None)
+    time.sleep(0.2)
+    link.send(topics.up(device, "enroll"), Message("enroll", device, meta={
+        "token": coordinator.security.issue_token(device, 600), "profile": load_profile("x86").as_dict(),
+        "num_samples": 10, "classes": ["1"], "hardware": {}}))
+    return replies.get(timeout=60)
+
+
+def refusals(coordinator, worker) -> int:
+    return sum(coordinator.link.refused.values()) + sum(worker.link.refused.values())
+
+
+def with_header(valid: bytes, **changes) -> bytes:
+    """`valid` with header fields changed (the payload and its CRC kept)."""
+    head_len = PREFIX.unpack_from(valid)[1]
+    header = json.loads(valid[PREFIX.size:PREFIX.size + head_len])
+    header.update(changes)
+    head = json.dumps(header).encode()
+    return PREFIX.pack(b"SFPW", len(head)) + head + valid[PREFIX.size + head_len:]
+
+
+def bad_envelopes(valid: bytes, rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    """Malformed versions of one valid message: each must be refused by whoever receives it."""
+    head_len = PREFIX.unpack_from(valid)[1]
+    body = PREFIX.size + head_len
+    flipped = bytearray(valid)
+    flipped[body + int(rng.integers(len(valid) - body))] ^= 0x10
+    cases = [("random bytes", rng.bytes(int(n))) for n in rng.integers(1, 3000, 6)]
+    cases += [
+        ("empty", b""),
+        ("bad magic", b"XXXX" + valid[4:]),
+        ("header length beyond the packet", PREFIX.pack(b"SFPW", 1 << 30) + valid[PREFIX.size:]),
+        ("header not JSON", PREFIX.pack(b"SFPW", 5) + b"{nope" + valid[body:]),
+        ("header a JSON list", PREFIX.pack(b"SFPW", 2) + b"[]" + valid[body:]),
+        ("unknown version", with_header(valid, v=99)),
+        ("unknown type", with_header(valid, type="launch")),
+        ("missing field", with_header(valid, round=None)),
+        ("negative shape", with_header(valid, tensors=[{"name": "x", "wire": "fp32", "shape": [-4]}])),
+        ("huge shape", with_header(valid, tensors=[{"name": "x", "wire": "fp32", "shape": [1 << 20, 1 << 20]}])),
+        ("unknown wire dtype", with_header(valid, tensors=[{**t, "wire": "fp64"} for t in
+                                                           json.loads(valid[PREFIX.size:body])["tensors"]])),
+        ("declared size far larger than the payload", with_header(valid, payload=1 << 30)),
+        ("truncated payload", valid[:body + (len(valid) - body) // 2]),
+        ("payload bit flipped (CRC)", bytes(flipped)),
+    ]
+    return cases
+
+
+def test_every_server_topic_refuses_bad_input_and_counts_it(server, broker):
+    coordinator, worker, device = server
+    topics, rng = Topics(FED), np.random.default_rng(0)
+    tokens_shape = (2, worker.num_tokens, worker.embed_dim)
+    tokens = rng.standard_normal(tokens_shape).astype(np.float32)
+    update = Message("update", "dev", 1, 0, {"num_samples": 5}, coordinator.global_state)
+    forward = Message("forward", "dev", 1, 1, {}, {"tokens": tokens})
+    backward = Message("backward", "dev", 1, 1, {}, {"dfeatures": tokens[:, :1]})
+    targets = [(topics.up("dev", "update"), bytes(pack(update))),
+               (topics.forward("dev"), bytes(pack(forward))),
+               (topics.backward(WORKER, "dev"), bytes(pack(backward)))]
+    packets = [(f"{topic}: {label}", topic, data) for topic, valid in targets
+               for label, data in bad_envelopes(valid, rng)]
+    nan = tokens.copy()
+    nan[0, 0, 0] = np.nan
+    inf = tokens.copy()
+    inf[1, 2, 3] = -np.inf
+    semantic = [
+        ("NaN in tokens", topics.forward("dev"), Message("forward", "dev", 1, 2, {}, {"tokens": nan})),
+        ("Inf in tokens", topics.forward("dev"), Message("forward", "dev", 1, 3, {}, {"tokens": inf})),
+        ("tokens of the wrong shape", topics.forward("dev"),
+         Message("forward", "dev", 1, 4, {}, {"tokens": tokens[:, :3]})),
+        ("tokens as raw bytes", topics.forward("dev"),
+         Message("forward", "dev", 1, 5, {}, {"tokens": tokens.view(np.uint8)}, {"tokens": "bytes"})),
+        ("a backward with no forward", topics.backward(WORKER, "dev"), backward),
+        ("dfeatures as raw bytes", topics.backward(WORKER, "dev"),
+         Message("backward", "dev", 1, 1, {}, {"dfeatures": tokens.view(np.uint8)}, {"dfeatures": "bytes"})),
+        ("a replay of an old round", topics.up("dev", "update"), update),
+        ("NaN in an update", topics.up("dev", "update"), Message("update", "dev", 1, 0, {"num_samples": 5}, {
+            k: np.full_like(v, np.nan) for k, v in coordinator.global_state.items()})),
+        ("a forged device id", topics.forward("dev"), Message("forward", "other", 1, 6, {}, {"tokens": tokens})),
+    ]
+    packets += [(label, topic, bytes(pack(m))) for label, topic, m in semantic]
+    # Chunks: malformed headers, an index out of range, a total beyond any message, disagreeing chunks.
+    whole = bytes(pack(Message("update", "dev", 1, 0, {"num_samples": 5}, coordinator.global_state)))
+    chunks = split(whole, 4096, "fz.1")
+    assert len(chunks) > 2
+
+    def chunk(head: dict, data: bytes = b"x") -> bytes:
+        raw = json.dumps(head).encode()
+        return CHUNK_PREFIX.pack(CHUNK_MAGIC, len(raw)) + raw + data
+    up = topics.up("dev", "update")
+    packets += [
+        ("chunk header not JSON", up, CHUNK_PREFIX.pack(CHUNK_MAGIC, 3) + b"{{{" + b"x"),
+        ("chunk index out of range", up, chunk({"id": "fz.2", "index": 5, "count": 2, "total": 10})),
+        ("chunk total beyond the limit", up, chunk({"id": "fz.3", "index": 0, "count": 2, "total": 1 << 40})),
+        ("chunks that disagree", up, chunks[0]),
+        ("chunks that disagree", up, chunk({"id": "fz.1", "index": 1, "count": len(chunks) + 1,
+                                            "total": len(whole)})),
+        ("status not JSON", topics.device_status("dev"), b"\xff\xfe"),
+        ("status not an object", topics.device_status("dev"), b"[1, 2]"),
+    ]
+    expected = len(packets) - 1               # the first of the disagreeing chunks is accepted and waits
+    before, before_metric = refusals(coordinator, worker), prometheus_refused(coordinator)
+    for _, topic, data in packets:
+        device.client.publish(topic, data, qos=1)
+    assert wait_for(lambda: refusals(coordinator, worker) - before >= expected, 30), (
+        refusals(coordinator, worker) - before, expected, coordinator.link.recent_refusals)
+    time.sleep(0.5)
+    assert refusals(coordinator, worker) - before == expected
+    assert prometheus_refused(coordinator) - before_metric == expected
+    reasons = [r for _, r in list(coordinator.link.recent_refusals)[-60:] + list(worker.link.recent_refusals)[-60:]]
+    for needle in ("bad magic", "checksum mismatch", "header is not JSON", "version 99", "unknown message type",
+                   "NaN or Inf", "a forward needs float tokens", "no forward is waiting", "round in progress",
+                   "does not match the topic", "disagrees with the earlier chunks", "exceeds the limit",
+                   "payload is", "a device status must be a JSON object", "not JSON"):
+        assert any(needle in r for r in reasons), (needle, reasons)
+
+    # A message whose chunks never all arrive is dropped after the reassembly timeout, with a reason.
+    coordinator.link.reassembler.timeout_s = 0.5
+    for packet in split(whole, 4096, "fz.9")[:-1]:
+        device.client.publish(up, packet, qos=1)
+    time.sleep(1.0)
+    device.client.publish(up, b"poke", qos=1)                      # the next packet sweeps expired messages
+    assert wait_for(lambda: coordinator.link.refused["incomplete"] >= 1, 10)
+    assert any("incomplete after" in r for _, r in coordinator.link.recent_refusals)
+
+    # Still serving: a valid forward gets its features, and a new device enrolls.
+    features = queue.Queue()
+    device.subscribe(topics.down("dev", "features"), lambda t, m: features.put(m))
+    time.sleep(0.2)
+    device.send(topics.forward("dev"), Message("forward", "dev", 1, 99, {}, {"tokens": tokens}))
+    got = features.get(timeout=30)
+    assert got.seq == 99 and got.tensors["features"].shape == (2, 1, worker.embed_dim)
+    newcomer = Link(broker, "newcomer").connect()
+    assert enroll(coordinator, newcomer, "newcomer").type == "enrolled"
+    newcomer.close()
+
+
+def prometheus_refused(coordinator) -> float:
+    if not hasattr(coordinator, "_fuzz_port"):
+        coordinator._fuzz_port = free_port()
+        coordinator.metrics.serve(coordinator._fuzz_port)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{coordinator._fuzz_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sfp_messages_refused_total{"))
+
+
+def test_a_bundle_that_fails_its_hashes_is_not_installed(server, tmp_path):
+    """A device verifies every file of the bundle it receives against the manifest's hashes."""
+    coordinator, _, _ = server
+    _, archive = coordinator.bundle("portable")
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    onnx = next(name for name in members if name.endswith(".onnx"))
+    tampered = bytearray(members[onnx])
+    tampered[len(tampered) // 2] ^= 0xFF
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in {**members, onnx: bytes(tampered)}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    target = tmp_path / "bundle"
+    install_bundle(archive, target)                                # the genuine one installs
+    before = {p.name: zlib.crc32(p.read_bytes()) for p in target.iterdir() if p.is_file()}
+    with pytest.raises(BundleError, match="hash|sha256|checksum"):
+        install_bundle(out.getvalue(), target)
+    assert {p.name: zlib.crc32(p.read_bytes()) for p in target.iterdir() if p.is_file()} == before   # kept
