@@ -46,7 +46,7 @@ simulate: backbone
 # Issue 5's comparison: all methods and ablations, both traffic variants, IID / Dirichlet 0.5 / 0.1, each method
 # beside its central ceiling, 10 rounds (about 2 hours on 2 cores; finished runs are reused).
 compare: backbone
-	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl \
+	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,sfprompt-split-only,fl,fedprompt,sfl \
 		--partitions iid,0.5,0.1 --central --rounds 10 --target 0.5 --resume --out bench/results/comparison
 
 # The paper's counting at its scale (ViT-B/16 and ViT-L/16), nothing trained.

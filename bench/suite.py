@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISON_RUNS = "sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl"
+COMPARISON_RUNS = ("sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,sfprompt-split-only,fl,fedprompt,"
+                   "sfl")
 PRECISION_RUNS = "sfprompt-fp32,sfprompt-fp16,sfprompt-int8"
 
 

@@ -41,6 +41,7 @@ METHODS = {m.name: m for m in (
     Method("sfprompt", True, ("prompts", "tail"), prune=True, local_update=True, default_lr=3e-2),
     Method("sfprompt-no-prune", True, ("prompts", "tail"), local_update=True, default_lr=3e-2),
     Method("sfprompt-no-local", True, ("prompts", "tail"), prune=True, default_lr=3e-2),
+    Method("sfprompt-split-only", True, ("prompts", "tail"), default_lr=3e-2),     # neither phase-1 addition
     Method("fl", False, ("head", "body", "tail"), split=False, default_lr=1e-3),
     Method("fedprompt", True, ("prompts", "classifier"), split=False, default_lr=3e-2),
     Method("sfl", False, ("head", "tail"), server_parts=("body",), default_lr=1e-3),

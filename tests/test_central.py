@@ -51,7 +51,8 @@ def test_ceiling_trains_only_the_adaptation_on_all_clients_data(digits_checkpoin
 
 
 def test_methods_that_train_the_same_tensors_share_a_ceiling():
-    assert {adaptation_of(m) for m in ("sfprompt", "sfprompt-no-prune", "sfprompt-no-local")} == {"prompts-tail"}
+    assert {adaptation_of(m) for m in ("sfprompt", "sfprompt-no-prune", "sfprompt-no-local",
+                                     "sfprompt-split-only")} == {"prompts-tail"}
     assert adaptation_of("fl") == adaptation_of("sfl") == "full"
     assert adaptation_of("fedprompt") == "classifier-prompts"
 
