@@ -46,7 +46,7 @@ simulate: backbone
 # Issue 5's comparison: all methods and ablations, both traffic variants, IID / Dirichlet 0.5 / 0.1, each method
 # beside its central ceiling, 10 rounds (about 2 hours on 2 cores; finished runs are reused).
 compare: backbone
-	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,sfprompt-split-only,fl,fedprompt,sfl \
+	$(BIN)/python bench/compare.py --methods sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl \
 		--partitions iid,0.5,0.1 --central --rounds 10 --target 0.5 --resume --out bench/results/comparison
 
 # The paper's counting at its scale (ViT-B/16 and ViT-L/16), nothing trained.
@@ -73,10 +73,10 @@ bench-serving: setup
 bench-transport: setup
 	$(BIN)/python bench/transport.py --trials 5
 
-# A secured federation (4 device processes) with faults injected at random for 12 rounds, against the fault-free
+# A secured federation (4 device processes) with faults injected at random for 20 rounds, against the fault-free
 # run with the same seed (a few minutes; bench/results/chaos/).
 bench-chaos: backbone
-	$(BIN)/python bench/chaos.py --rounds 12 --devices 4
+	$(BIN)/python bench/chaos.py --rounds 20 --devices 4
 
 $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_VENV)

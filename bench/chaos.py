@@ -1,7 +1,7 @@
 """Chaos: a federation on this machine with faults injected at random, round after round, against the same
 federation without faults.
 
-    python bench/chaos.py --rounds 12 --devices 4 --seed 0 --out bench/results/chaos
+    python bench/chaos.py --rounds 20 --devices 4 --seed 0 --out bench/results/chaos
 
 The federation is `cloud_server.demo.LocalFederation` (a secured Mosquitto, `sfp-cloud serve`, `sfp-edge`
 devices, one process each) on the in-house backbone, with the devices holding the reference federation's client
@@ -18,13 +18,14 @@ seconds (on average):
 
 Reported: rounds completed and attempts run again, faults injected by kind, messages the server refused by kind
 (its log), and the final global model's accuracy on the central test set against the fault-free run's.
-Output: <out>/results.json, results.md, timeline.png.
+Output: <out>/results.json, results.md, timeline.png; the processes' folders and logs in --work.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shutil
 import signal
 import sys
 import time
@@ -59,11 +60,14 @@ def profile_file(folder: Path, train: TrainConfig) -> Path:
     return path
 
 
-def garbage(fed: LocalFederation, rng: np.random.Generator, devices: int, count: int = 20) -> None:
+GARBAGE_BURST = 20
+
+
+def garbage(fed: LocalFederation, rng: np.random.Generator, devices: int, count: int = GARBAGE_BURST) -> None:
     """Malformed and hostile packets on the topics the server listens on, from an account that may send them
     (the service account: the broker's ACLs would stop a device's account from most of these)."""
     link = Link(fed.url, f"chaos-garbage-{rng.integers(1 << 30)}", access=fed.access).connect()
-    topics = fed.topics
+    topics, sent = fed.topics, []
     for _ in range(count):
         device = f"device-{rng.integers(devices)}"
         valid = bytearray(pack(Message("update", device, int(rng.integers(1, 50)), 0, {"num_samples": 5},
@@ -79,14 +83,16 @@ def garbage(fed: LocalFederation, rng: np.random.Generator, devices: int, count:
         else:
             data = bytes(valid)                                              # a replay of some round
         topic = rng.choice([topics.up(device, "update"), topics.forward(device), topics.up(device, "report")])
-        link.client.publish(str(topic), data, qos=1)
+        sent.append(link.client.publish(str(topic), data, qos=1))
+    for info in sent:                      # all of it reaches the broker before the connection closes
+        info.wait_for_publish(10)
     link.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/vit-fmnist.pth")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2000, help="MNIST 5k training images shared by the devices.")
     ap.add_argument("--seed", type=int, default=0)
@@ -94,11 +100,14 @@ def main() -> None:
     ap.add_argument("--down", type=float, default=4.0, help="Seconds a killed part stays down.")
     ap.add_argument("--freeze", type=float, default=10.0, help="Seconds a frozen device stays frozen.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "chaos",
+                    help="The processes' folders: data, states, keys, logs (not results: keep it out of git).")
     a = ap.parse_args()
     if not Path(a.model).is_file():
         raise SystemExit(f"error: backbone {a.model} not found: `make backbone` first")
     a.out.mkdir(parents=True, exist_ok=True)
-    work = a.out / "run"
+    work = a.work
+    shutil.rmtree(work, ignore_errors=True)          # a fresh federation: an old state folder would be resumed
     train = TrainConfig(lr=3e-2, batch_size=16, epochs=1, wire="fp16")
     cfg = SimConfig(method="sfprompt", dataset="mnist5k", model=a.model, clients=a.devices, rounds=a.rounds,
                     alpha=0.5, seed=a.seed, spec=SplitSpec(10), train=train, train_samples=a.samples)
@@ -214,6 +223,8 @@ def main() -> None:
              f"| devices per completed round | {', '.join(map(str, result['participants']))} |",
              f"| faults injected | {sum(faults.values())}: "
              f"{', '.join(f'{k} {v}' for k, v in sorted(faults.items()))} |",
+             f"| garbage packets sent | {GARBAGE_BURST * faults['garbage']} (those that reached a server that was "
+             f"down, or a broker being restarted, were lost before anyone could refuse them) |",
              f"| messages the server refused | {sum(refused.values())}: "
              f"{', '.join(f'{k} {v}' for k, v in sorted(refused.items()))} |",
              f"| accuracy (central test set) | chaos {chaos_accuracy:.3f}, fault-free {fault_free[-1]['accuracy']:.3f} "

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISON_RUNS = ("sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,sfprompt-split-only,fl,fedprompt,"
-                   "sfl")
+COMPARISON_RUNS = "sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl"
 PRECISION_RUNS = "sfprompt-fp32,sfprompt-fp16,sfprompt-int8"
 
 
@@ -58,7 +57,7 @@ ITEMS = (
     Item("device-step", "On-device step time and memory against PyTorch (issue 3's targets)", "bench/device_step.py",
          (), ("--models", "vit_tiny_patch16_224", "--batches", "8", "--reps", "5")),
     Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
-         ("--rounds", "12", "--devices", "4"), ("--rounds", "3", "--devices", "3", "--samples", "300",
+         ("--rounds", "20", "--devices", "4"), ("--rounds", "3", "--devices", "3", "--samples", "300",
                                                 "--interval", "6")),
 )
 
