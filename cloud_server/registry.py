@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sfp_common.errors import ConfigError
+from sfp_common.files import write_atomic
 
 
 @dataclass
@@ -29,12 +30,6 @@ class Device:
     num_samples: int
     backend: str
     enrolled_at: float = field(default_factory=time.time)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 class Registry:
@@ -61,7 +56,7 @@ class Registry:
 
     def _save(self) -> None:
         devices = [asdict(d) for d in sorted(self.devices.values(), key=lambda d: d.index)]
-        _write_atomic(self.folder / "registry.json", (json.dumps({"devices": devices}, indent=1) + "\n").encode())
+        write_atomic(self.folder / "registry.json", (json.dumps({"devices": devices}, indent=1) + "\n").encode())
 
     def get(self, device: str) -> Device | None:
         with self.lock:
@@ -96,7 +91,7 @@ class Registry:
         rounds = self.folder / "rounds.jsonl"
         if rounds.exists() and len(rounds.read_text().splitlines()) != len(kept):
             # summaries of rounds whose checkpoint never landed, or a line cut short by a crash
-            _write_atomic(self.folder / "rounds.jsonl", "".join(json.dumps(s) + "\n" for s in kept).encode())
+            write_atomic(self.folder / "rounds.jsonl", "".join(json.dumps(s) + "\n" for s in kept).encode())
         return None if state is None else (done, state)
 
     def summaries(self) -> list[dict]:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sfp_common.errors import ConfigError
+from sfp_common.files import write_atomic
 from wire_protocol.contracts import enroll_account
 from wire_protocol.topics import Topics, check_name
 
@@ -118,15 +119,11 @@ class Security:
             self.reload_hook()
 
     def _write(self, accounts: dict) -> None:
-        def atomic(name: str, text: str, mode: int = 0o600) -> None:
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(text)
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.folder / name)
-        atomic("accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n")
-        atomic("passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())), 0o644)
-        atomic("acl", "\n".join(line for user, a in sorted(accounts.items())
-                                for line in acl_lines(self.topics, user, a)) + "\n", 0o644)
+        write_atomic(self.folder / "accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n", 0o600)
+        write_atomic(self.folder / "passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())),
+                     0o644)
+        write_atomic(self.folder / "acl", "\n".join(line for user, a in sorted(accounts.items())
+                                                   for line in acl_lines(self.topics, user, a)) + "\n", 0o644)
 
     def accounts(self) -> dict:
         with self._accounts() as accounts:
@@ -226,8 +223,6 @@ def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int 
     returns the service account's password (also kept in server.password)."""
     make_certificates(folder, hostnames)
     password = Security(folder, federation).add_service()
-    secret = folder / "server.password"
-    secret.write_text(password + "\n")
-    os.chmod(secret, 0o600)
+    write_atomic(folder / "server.password", password + "\n", 0o600)
     (folder / "mosquitto.conf").write_text(listener_config(folder, port))
     return password

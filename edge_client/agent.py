@@ -30,6 +30,7 @@ from edge_client.runtime import ClientRuntime, open_runtime
 from sfp_common.bundle import BundleError, read_bundle
 from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
+from sfp_common.files import write_atomic
 from sfp_common.preprocess import preprocess
 from wire_protocol.codec import encoded_bytes
 from wire_protocol.contracts import Profile, RoundPlan, enroll_account
@@ -60,9 +61,7 @@ class DeviceConfig:
         return Profile(**{**self.profile, "providers": tuple(self.profile["providers"])})
 
     def save(self, state: Path) -> None:
-        tmp = state / (CONFIG + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(state / CONFIG)
+        write_atomic(state / CONFIG, json.dumps(asdict(self), indent=2) + "\n", 0o644)
 
     @classmethod
     def load(cls, state: Path) -> DeviceConfig:
@@ -169,22 +168,13 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     credentials = reply.meta.get("credentials")
     if not isinstance(credentials, dict) or not {"username", "password"} <= set(credentials):
         raise ConfigError("the server's enrollment reply carries no broker account for this device")
-    write_private(state / CREDENTIALS, json.dumps(credentials) + "\n")
+    write_atomic(state / CREDENTIALS, json.dumps(credentials) + "\n", 0o600)
     if ca_file:
         shutil.copyfile(ca_file, state / CA)
     config = DeviceConfig(federation, device, broker, profile.as_dict(), str(Path(data).resolve()),
                           list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file))
     config.save(state)
     return config
-
-
-def write_private(path: Path, text: str) -> None:
-    """Written readable by this user only, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
 
 
 def install_bundle(archive: bytes, target: Path) -> None:

@@ -137,7 +137,10 @@ class Link:
         if self.on_connect is not None:
             # After a reconnect the session is new: anything in flight may be lost, and a restarted broker
             # without persistence has forgotten the retained status. The owner re-announces and recovers.
-            self.on_connect(self._connections > 1)
+            try:
+                self.on_connect(self._connections > 1)
+            except Exception:       # the owner's bug must not stop paho's network thread
+                log.exception("%s: on_connect failed", self.client_id)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
