@@ -7,12 +7,12 @@ for split methods, the whole model for FL and FedPrompt. The server's replies (b
 smashed tokens or at the prompts) are random tensors of the shapes the method's traffic variant receives: memory
 does not depend on their values. The device runs its round's step kinds (EL2N scoring, a local-loss step, split
 steps; or whole-model steps) a few times with the method's optimizer. Printed: peak RSS above the process's RSS
-before the model's parts were materialised (interpreter, torch and the batch of images are excluded), in MB.
+before the model's parts were materialised (the peak is reset there: interpreter, imports and the batch of images
+are excluded), in MB.
 """
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +20,17 @@ from pathlib import Path
 import click
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) from /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _reset_peak() -> None:
+    """Forget the peak so far (Linux >= 4.0): imports and building the model on meta must not count."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure(method_name: str, model: str, batch: int, traffic: str = "ours", steps: int = 3) -> dict:
@@ -49,7 +53,8 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
     channels, size = vit.patch_embed.proj.in_channels, vit.patch_embed.img_size
     x = torch.randn(batch, channels, *size)
     y = torch.randint(0, 10, (batch,))
-    before = _current_rss_mb()
+    _reset_peak()
+    before = _status_mb("VmRSS")
 
     held = (split,) if not method.split else (split.head, split.tail)
     for part in held:
@@ -95,7 +100,7 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
         split_step()
     params_mb = sum(p.numel() * p.element_size() for part in held for p in part.parameters()) / 2**20
     return {"method": method_name, "traffic": traffic, "batch": batch, "model": source.label,
-            "peak_mb": _peak_rss_mb() - before, "parameters_mb": params_mb}
+            "peak_mb": _status_mb("VmHWM") - before, "parameters_mb": params_mb}
 
 
 def measure_in_fresh_process(method: str, model: str, batch: int, traffic: str = "ours") -> dict:

@@ -82,8 +82,8 @@ def _read(path: Path) -> str | None:
 
 
 def _demote(markdown: str) -> str:
-    """An item's own headings one level down, under the item's heading."""
-    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
+    """An item's own headings below the item's heading."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
 def _relink(markdown: str, folder: Path, page: Path) -> str:
@@ -151,7 +151,8 @@ def write_results(root: Path, page: Path, command: str) -> str:
     lines = ["# Benchmark results", "",
              "The accuracy items run the offline transfer task: a small ViT (28x28 input, patch 7, width 128, "
              "6 blocks) pretrained in-house on Fashion-MNIST (`make backbone`), fine-tuned federatedly on MNIST 5k "
-             "(4000 training images over 10 clients, accuracy on the 1000-image test set). It is not the paper's "
+             "(4000 images over 10 clients, each keeping a fifth of its share as its local test split; accuracy on the "
+             "1000-image test set). It is not the paper's "
              "ImageNet-21k ViT-B/16; the counting item uses the paper's models at their size.", "",
              f"Made by `{command}` on {time.strftime('%Y-%m-%d')}; each item's folder records its machine and command.",
              "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
