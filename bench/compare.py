@@ -95,14 +95,15 @@ def plan_runs(names: list[str], partitions: list[str], central: bool) -> list[Ru
     return [*ceilings.values(), *(Run(name, *parse_run(name), partition=p) for p in partitions for name in names)]
 
 
-def run_one(run: Run, settings: dict, path: Path, threads: int) -> str:
+def run_one(run: Run, settings: dict, path: Path, threads: int | None = None) -> str:
     """One federation or ceiling, printed round by round; its report written to `path`."""
     import torch
 
     from simulation.central import train_central
     from simulation.engine import Federation, SimConfig
 
-    torch.set_num_threads(threads)
+    if threads is not None:           # a pool worker: one thread, so workers do not fight over the cores
+        torch.set_num_threads(threads)
     cfg = SimConfig(method=run.method, dataset=settings["dataset"], model=settings["model"],
                     clients=settings["clients"], rounds=settings["rounds"], alpha=run.alpha, seed=settings["seed"],
                     spec=SplitSpec(settings["prompts"]), train_samples=settings["train_samples"],
@@ -323,17 +324,12 @@ def main(methods, partitions, central, dataset, model, clients, rounds, seed, pr
                     w.get()
         else:
             for r in todo:
-                run_one(r, settings, run_path(out, r), threads=torch_default_threads())
+                run_one(r, settings, run_path(out, r))
         click.echo(f"all runs done in {time.time() - start:.0f} s")
         click.echo(write_report(out, runs, settings, target))
         click.echo(f"written: {out / 'tables.md'}, {out / 'comparison.png'}")
 
     run_cli(job)
-
-
-def torch_default_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
