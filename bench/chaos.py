@@ -42,7 +42,7 @@ from cloud_server.demo import LocalFederation  # noqa: E402
 from export.split import SplitSpec  # noqa: E402
 from sfp_common.datasets import write_device_folder  # noqa: E402
 from simulation.engine import Federation, SimConfig, load_state  # noqa: E402
-from simulation.methods import TrainConfig  # noqa: E402
+from sfp_common.recipe import Recipe  # noqa: E402
 from wire_protocol.envelope import Message, pack  # noqa: E402
 from wire_protocol.link import Link  # noqa: E402
 
@@ -50,7 +50,7 @@ FAULTS = ("kill device", "freeze device", "kill server", "restart broker", "garb
 REFUSED = re.compile(r"refused a message on \S+ \(([^)]+)\)")
 
 
-def profile_file(folder: Path, train: TrainConfig) -> Path:
+def profile_file(folder: Path, train: Recipe) -> Path:
     """The devices' profile: the reference's batch size and token dtype, a short keepalive."""
     path = folder / "profile.json"
     path.write_text(json.dumps({
@@ -108,9 +108,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.work
     shutil.rmtree(work, ignore_errors=True)          # a fresh federation: an old state folder would be resumed
-    train = TrainConfig(lr=3e-2, batch_size=16, epochs=1, wire="fp16")
+    train = Recipe(epochs=1)                 # the federation's recipe; the CLI's defaults for the rest
     cfg = SimConfig(method="sfprompt", dataset="mnist5k", model=a.model, clients=a.devices, rounds=a.rounds,
-                    alpha=0.5, seed=a.seed, spec=SplitSpec(10), train=train, train_samples=a.samples)
+                    alpha=0.5, seed=a.seed, spec=SplitSpec(10), recipe=train, train_samples=a.samples)
 
     print(f"fault-free run: the reference federation, {a.rounds} rounds", flush=True)
     reference = Federation(cfg)

@@ -5,8 +5,9 @@
 Only the parts the device holds are materialised (the model is built on the meta device first): head and tail
 for split methods, the whole model for FL and FedPrompt. The server's replies (body output, gradient at the
 smashed tokens or at the prompts) are random tensors of the shapes the method's traffic variant receives: memory
-does not depend on their values. The device runs its round's step kinds (EL2N scoring, a local-loss step, split
-steps; or whole-model steps) a few times with the method's optimizer. Printed: peak RSS above the process's RSS
+does not depend on their values. The device runs its round's step kinds as its recipe says (the paper's local-path
+EL2N and local-loss step, split steps, tail steps on cached features, which are held for `samples` local samples
+in fp16; or whole-model steps) a few times with the method's optimizer. Printed: peak RSS above the process's RSS
 before the model's parts were materialised (the peak is reset there: interpreter, imports and the batch of images
 are excluded), in MB.
 """
@@ -33,7 +34,8 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(method_name: str, model: str, batch: int, traffic: str = "ours", steps: int = 3) -> dict:
+def measure(method_name: str, model: str, batch: int, traffic: str = "ours", steps: int = 3,
+            samples: int = 320) -> dict:
     """Run in this process (call it in a fresh one: RSS peaks never come down)."""
     import torch
     import torch.nn.functional as F
@@ -41,7 +43,6 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
     from export.backbone import create_vit, resolve_model
     from export.split import SplitSpec, SplitViT
     from simulation.methods import get_method, make_optimizer, named_params
-    from simulation.cli import train_config
 
     torch.set_num_threads(1)
     method = get_method(method_name)
@@ -63,7 +64,7 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
             torch.nn.init.normal_(p, std=0.02)
     split.set_trainable(method.client_parts)
     params = list(named_params(split, method.client_parts).values())
-    opt = make_optimizer(params, train_config(method_name, None))
+    opt = make_optimizer(params, method.recipe)
     dim = vit.embed_dim
 
     def whole_step() -> None:
@@ -88,16 +89,28 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
             smashed.backward(torch.randn_like(smashed))
         opt.step()
 
+    recipe = method.recipe
+    cache = None
+    if method.split and recipe.local_update == "cached-features":    # the features kept for every local sample
+        cache = torch.zeros(samples, 1 if traffic == "ours" else split.head(x[:1]).shape[1], dim, dtype=torch.float16)
+
+    def cached_step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(split.tail(cache[:batch].float()), y).backward()
+        opt.step()
+
     for _ in range(steps):
         if not method.split:
             whole_step()
             continue
-        if method.prune:
+        if recipe.prune == "local-el2n":
             with torch.no_grad():
                 split.forward_local(x)
-        if method.local_update:
+        if recipe.local_update == "local-path":
             local_step()
         split_step()
+        if cache is not None:
+            cached_step()
     params_mb = sum(p.numel() * p.element_size() for part in held for p in part.parameters()) / 2**20
     return {"method": method_name, "traffic": traffic, "batch": batch, "model": source.label,
             "peak_mb": _status_mb("VmHWM") - before, "parameters_mb": params_mb}

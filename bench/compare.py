@@ -1,19 +1,20 @@
-"""Federated methods side by side, on one or several data partitions, each beside its central ceiling.
+"""Federated methods side by side, on one or several data partitions and seeds, each beside its central ceiling.
 
     python bench/compare.py --methods sfprompt,fl --rounds 5 --partitions 0.5 --out runs/demo
-    python bench/compare.py --methods sfprompt,sfprompt-paper,fl,fedprompt,sfl --partitions iid,0.5,0.1 \\
+    python bench/compare.py --methods sfprompt,sfprompt-split-only,fl --partitions iid,0.5,0.1 --seeds 0,1,2 \\
         --central --out bench/results/comparison
 
-A run name is a method (simulation/methods.py) or a method with `-paper` appended: the same training with the
-paper's traffic (four fp32 activation-sized transfers per batch) instead of ours. Every run uses the same data
-split per partition, seed and backbone, and each method its own default learning rate unless --lr is given.
-`--central` adds each adaptation's central ceiling (simulation/central.py: the pooled training shares of the IID
-split, no federation; one per set of trained tensors). Runs go one after another, ceilings first, or to a pool of
-`--jobs` processes of one thread each (on a 2-core machine two single-thread runs side by side were slower than
-one after the other); a run whose JSON exists is reused with --resume.
+A run name is a method (simulation/methods.py) or a method with `-paper` appended (the same training with the
+paper's traffic: four fp32 activation-sized transfers per batch) or `-<wire>` (another token precision). Every
+run uses the same data split per partition and seed, the same backbone, and each method its own recipe
+(sfp_common/recipe.py) unless --lr or --keep is given. `--central` adds each adaptation's central ceiling per
+seed (simulation/central.py: the pooled training shares, no federation; one per set of trained tensors). Runs
+go one after another, ceilings first, or to a pool of `--jobs` processes of one thread each; a run whose JSON
+exists is reused with --resume.
 
-Output: <out>/<partition>/<run>.json (sfp-sim's report), <out>/central/<adaptation>.json, <out>/tables.md (the
-tables), <out>/summary.json, <out>/comparison.png (accuracy per round and against traffic, ceilings dashed).
+Output: <out>/<partition>/<run>/seed<k>.json (sfp-sim's report), <out>/central/<adaptation>/seed<k>.json,
+<out>/tables.md, <out>/summary.json and <out>/comparison.png (mean over seeds with the min-max band, ceilings
+dashed), all made from every report in <out>, so later invocations can add seeds or runs.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from export.split import SplitSpec  # noqa: E402
 from sfp_common.cli import run_cli  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402
 from simulation.central import adaptation_of  # noqa: E402
-from simulation.cli import DEFAULT_MODEL, HEADER, format_row, train_config  # noqa: E402
+from simulation.cli import DEFAULT_MODEL, HEADER, format_row, recipe_of  # noqa: E402
 from simulation.accounting import WIRE_DTYPES  # noqa: E402
 from simulation.methods import METHODS  # noqa: E402
 
@@ -42,11 +43,12 @@ PAPER_SUFFIX = "-paper"
 
 @dataclass(frozen=True)
 class Run:
-    name: str              # the run's file name and label
+    name: str              # the run's folder name and label
     method: str
     traffic: str = "ours"
     wire: str | None = None  # None: the comparison's --wire
     partition: str = "iid"  # "iid" or "dir<alpha>"; "central" for a ceiling
+    seed: int = 0
 
     @property
     def alpha(self) -> float | None:
@@ -85,14 +87,18 @@ def partition_title(partition: str) -> str:
     return "IID" if partition == "iid" else f"Dirichlet {partition[3:]}"
 
 
-def plan_runs(names: list[str], partitions: list[str], central: bool) -> list[Run]:
-    """Ceilings first, then partition by partition, so a run cut short still leaves whole tables."""
-    ceilings: dict[str, Run] = {}
+def plan_runs(names: list[str], partitions: list[str], central: bool, seeds: list[int] = (0,)) -> list[Run]:
+    """Ceilings first, then partition by partition and seed by seed, so a run cut short still leaves whole
+    tables."""
+    ceilings: dict[tuple[str, int], Run] = {}
     if central:
-        for name in names:
-            method = parse_run(name)[0]
-            ceilings.setdefault(adaptation_of(method), Run(adaptation_of(method), method, partition="central"))
-    return [*ceilings.values(), *(Run(name, *parse_run(name), partition=p) for p in partitions for name in names)]
+        for seed in seeds:
+            for name in names:
+                method = parse_run(name)[0]
+                ceilings.setdefault((adaptation_of(method), seed),
+                                    Run(adaptation_of(method), method, partition="central", seed=seed))
+    return [*ceilings.values(), *(Run(name, *parse_run(name), partition=p, seed=seed)
+                                  for p in partitions for seed in seeds for name in names)]
 
 
 def run_one(run: Run, settings: dict, path: Path, threads: int | None = None) -> str:
@@ -105,22 +111,22 @@ def run_one(run: Run, settings: dict, path: Path, threads: int | None = None) ->
     if threads is not None:           # a pool worker: one thread, so workers do not fight over the cores
         torch.set_num_threads(threads)
     cfg = SimConfig(method=run.method, dataset=settings["dataset"], model=settings["model"],
-                    clients=settings["clients"], rounds=settings["rounds"], alpha=run.alpha, seed=settings["seed"],
-                    spec=SplitSpec(settings["prompts"]), train_samples=settings["train_samples"],
-                    train=train_config(run.method, settings["lr"], keep=settings["keep"], traffic=run.traffic,
-                                       wire=run.wire or settings["wire"]))
-    label = f"{run.partition}/{run.name}"
+                    clients=settings["clients"], rounds=settings["rounds"], alpha=run.alpha, seed=run.seed,
+                    spec=SplitSpec(settings["prompts"], settings["head_blocks"], settings["tail_blocks"]),
+                    train_samples=settings["train_samples"],
+                    recipe=recipe_of(run.method, lr=settings["lr"], keep=settings["keep"],
+                                     wire=run.wire or settings["wire"]), traffic=run.traffic)
+    label = f"{run.partition}/{run.name}/seed{run.seed}"
     start = time.time()
-    print(f"== {label}: {run.method}, traffic {run.traffic}, lr {cfg.train.lr}\n{label:<28} {HEADER}", flush=True)
+    print(f"== {label}: {run.method}, traffic {run.traffic}, lr {cfg.recipe.lr}\n{label:<34} {HEADER}", flush=True)
 
     def show(row: dict) -> None:
-        print(f"{label:<28} {format_row(row)}", flush=True)
+        print(f"{label:<34} {format_row(row)}", flush=True)
 
     if run.partition == "central":
         report = train_central(Federation(cfg), on_round=show)
     else:
         report = Federation(cfg).run(on_round=show)
-    report["traffic"] = run.traffic
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"== {label}: done in {time.time() - start:.0f} s", flush=True)
@@ -128,10 +134,14 @@ def run_one(run: Run, settings: dict, path: Path, threads: int | None = None) ->
 
 
 def run_path(out: Path, run: Run) -> Path:
-    return out / run.partition / f"{run.name}.json"
+    return out / run.partition / run.name / f"seed{run.seed}.json"
 
 
 # ---- the tables and the plot, from the reports ----
+
+REFERENCE = "sfprompt-split-only"     # what SFPrompt's phase 1 is measured against
+TO_CEILING = 0.95                     # "MB to 95% of the ceiling"
+
 
 def cumulative_mb(report: dict) -> list[float]:
     total, out = 0.0, []
@@ -149,94 +159,162 @@ def to_target(report: dict, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def summary_rows(reports: dict[str, dict], ceilings: dict[str, dict], memory: dict[str, float],
-                 target: float) -> list[dict]:
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def final_accuracy(report: dict) -> float:
+    return report["rounds"][-1]["accuracy"]
+
+
+def load_results(out: Path) -> tuple[dict[str, dict[str, dict[int, dict]]], dict[str, dict[int, dict]]]:
+    """Every report in the folder: grid[partition][run][seed] and ceilings[adaptation][seed]."""
+    grid: dict[str, dict[str, dict[int, dict]]] = {}
+    ceilings: dict[str, dict[int, dict]] = {}
+    for path in sorted(out.glob("*/*/seed*.json")):
+        partition, name, seed = path.parts[-3], path.parts[-2], int(path.stem[4:])
+        report = json.loads(path.read_text())
+        if partition == "central":
+            ceilings.setdefault(name, {})[seed] = report
+        else:
+            grid.setdefault(partition, {}).setdefault(name, {})[seed] = report
+    return grid, ceilings
+
+
+def summary_rows(reports: dict[str, dict[int, dict]], ceilings: dict[str, dict[int, dict]],
+                 memory: dict[str, float]) -> list[dict]:
+    """One row per run over its seeds; gaps are between means (the ceiling's over its own seeds)."""
     rows = []
-    for name, report in reports.items():
-        rounds = report["rounds"]
+    reference = reports.get(REFERENCE)
+    reference_final = spread([final_accuracy(r) for r in reference.values()])["mean"] if reference else None
+    for name, by_seed in reports.items():
         method = parse_run(name)[0]
-        ceiling = ceilings.get(adaptation_of(method))
-        reach_round, reach_mb = to_target(report, target)
+        ceiling_runs = ceilings.get(adaptation_of(method), {})
+        ceiling = spread([final_accuracy(r) for r in ceiling_runs.values()])["mean"] if ceiling_runs else None
+        runs = list(by_seed.values())
+        reach = [to_target(r, TO_CEILING * ceiling) for r in runs] if ceiling else []
+        reached = [mb for _, mb in reach if mb is not None]
+        rounds = [x for r in runs for x in r["rounds"]]
+        final = spread([final_accuracy(r) for r in runs])
         rows.append({
             "run": name,
-            "final_accuracy": rounds[-1]["accuracy"],
-            "best_accuracy": max(r["accuracy"] for r in rounds),
-            "client_accuracy": rounds[-1]["client_accuracy"],
+            "seeds": sorted(by_seed),
+            "final_accuracy": final["mean"], "final_spread": final,
+            "best_accuracy": spread([max(x["accuracy"] for x in r["rounds"]) for r in runs])["mean"],
+            "client_accuracy": spread([r["rounds"][-1]["client_accuracy"] for r in runs])["mean"],
             "ceiling": adaptation_of(method),
-            "ceiling_accuracy": ceiling["rounds"][-1]["accuracy"] if ceiling else None,
-            "rounds_to_target": reach_round,
-            "mb_to_target": reach_mb,
-            "bytes_per_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / len(rounds),
-            "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
-            "client_flops_per_round": sum(r["client_flops"] for r in rounds) / len(rounds),
+            "ceiling_accuracy": ceiling,
+            "vs_ceiling": None if ceiling is None else final["mean"] - ceiling,
+            "vs_reference": None if reference_final is None else final["mean"] - reference_final,
+            "mb_to_ceiling": sum(reached) / len(reached) if reached else None,
+            "reached_ceiling": f"{len(reached)}/{len(reach)}" if reach else None,
+            "bytes_per_round": sum(x["bytes_up"] + x["bytes_down"] for x in rounds) / len(rounds),
+            "bytes_up_per_round": sum(x["bytes_up"] for x in rounds) / len(rounds),
+            "client_flops_per_round": sum(x["client_flops"] for x in rounds) / len(rounds),
             "client_peak_mb": memory.get(name),
-            "seconds": sum(r["seconds"] for r in rounds),
+            "seconds": sum(x["seconds"] for x in rounds) / len(runs),
         })
     return rows
 
 
-def _points(value: float | None, ref: float | None) -> str:
-    return "-" if value is None or ref is None else f"{100 * (value - ref):+.1f}"
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
 
 
-def markdown_table(rows: list[dict], target: float, reference: str = "fl") -> str:
-    ref = next((r for r in rows if r["run"] == reference), None)
-    lines = ["| run | final acc. | best | central ceiling | vs ceiling (pts) | vs FL (pts) | "
-             f"rounds to {target:.0%} | MB to {target:.0%} | MB/client/round | client MFLOPs/round | bytes vs FL | "
-             "FLOPs vs FL | client peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ceiling = "-" if r["ceiling_accuracy"] is None else f"{r['ceiling_accuracy']:.3f} ({r['ceiling']})"
-        reach = "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"])
-        reach_mb = "-" if r["mb_to_target"] is None else f"{r['mb_to_target']:.2f}"
+def _accuracy(row: dict) -> str:
+    s = row["final_spread"]
+    return f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+
+def grid_table(summary: dict[str, list[dict]], fl: str = "fl") -> str:
+    """Runs down, partitions across: final accuracy (mean ± sd over seeds) with the points to the run's central
+    ceiling and to split-only; then what a round costs a client."""
+    partitions = list(summary)
+    names = list(dict.fromkeys(r["run"] for rows in summary.values() for r in rows))
+    by = {p: {r["run"]: r for r in rows} for p, rows in summary.items()}
+    head = " | ".join(f"{partition_title(p)}: final (vs ceiling, vs split-only)" for p in partitions)
+    lines = [f"| run | seeds | {head} | MB/client/round | MB to {TO_CEILING:.0%} of ceiling ({partition_title(partitions[0])}) "
+             "| client MFLOPs/round | bytes vs FL | FLOPs vs FL | client peak MB |",
+             "|---|---|" + "---|" * len(partitions) + "---|---|---|---|---|---|"]
+    first = by[partitions[0]]
+    ref = first.get(fl)
+    for name in names:
+        cells = []
+        for p in partitions:
+            r = by[p].get(name)
+            cells.append("-" if r is None else f"{_accuracy(r)} ({_points(r['vs_ceiling'])}, {_points(r['vs_reference'])})")
+        r = first.get(name) or next(by[p][name] for p in partitions if name in by[p])
+        reach = "-" if r["reached_ceiling"] is None else (
+            f"{r['mb_to_ceiling']:.1f} ({r['reached_ceiling']} seeds)" if r["mb_to_ceiling"] is not None
+            else f"not reached (0/{r['reached_ceiling'].split('/')[1]})")
         bytes_ratio = f"{r['bytes_per_round'] / ref['bytes_per_round']:.3f}" if ref else "-"
         flops_ratio = f"{r['client_flops_per_round'] / ref['client_flops_per_round']:.3%}" if ref else "-"
         memory = "-" if r["client_peak_mb"] is None else f"{r['client_peak_mb']:.0f}"
-        lines.append(f"| {r['run']} | {r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {ceiling} | "
-                     f"{_points(r['final_accuracy'], r['ceiling_accuracy'])} | "
-                     f"{_points(r['final_accuracy'], ref['final_accuracy'] if ref else None)} | {reach} | "
-                     f"{reach_mb} | {r['bytes_per_round'] / 1e6:.3f} | {r['client_flops_per_round'] / 1e6:.1f} | "
-                     f"{bytes_ratio} | {flops_ratio} | {memory} |")
+        lines.append(f"| {name} | {len(r['seeds'])} | {' | '.join(cells)} | {r['bytes_per_round'] / 1e6:.2f} | {reach} | "
+                     f"{r['client_flops_per_round'] / 1e6:.1f} | {bytes_ratio} | {flops_ratio} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
-def ceiling_table(ceilings: dict[str, dict], users: dict[str, list[str]]) -> str:
-    lines = ["| adaptation | trained by | final acc. | best | accuracy per round-equivalent |", "|---|---|---|---|---|"]
-    for name, report in ceilings.items():
-        curve = " ".join(f"{r['accuracy']:.3f}" for r in report["rounds"])
-        lines.append(f"| {name} | {', '.join(users.get(name, []))} | {report['rounds'][-1]['accuracy']:.3f} | "
-                     f"{max(r['accuracy'] for r in report['rounds']):.3f} | {curve} |")
+def ceiling_table(ceilings: dict[str, dict[int, dict]], users: dict[str, list[str]]) -> str:
+    lines = ["| adaptation | trained by | seeds | final acc. | best | accuracy per round-equivalent (mean over seeds) |",
+             "|---|---|---|---|---|---|"]
+    for name, by_seed in ceilings.items():
+        runs = list(by_seed.values())
+        final = spread([final_accuracy(r) for r in runs])
+        curve = " ".join(f"{sum(r['rounds'][i]['accuracy'] for r in runs) / len(runs):.3f}"
+                         for i in range(len(runs[0]["rounds"])))
+        accuracy = f"{final['mean']:.3f} ± {final['sd']:.3f}" if final["n"] > 1 else f"{final['mean']:.3f}"
+        lines.append(f"| {name} | {', '.join(users.get(name, []))} | {len(runs)} | {accuracy} | "
+                     f"{spread([max(x['accuracy'] for x in r['rounds']) for r in runs])['mean']:.3f} | {curve} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(grid: dict[str, dict[str, dict]], ceilings: dict[str, dict], path: Path, title: str) -> None:
+def mean_curve(by_seed: dict[int, dict], key) -> tuple[list[float], list[float], list[float]]:
+    """Per round: mean, min and max over seeds of key(round row, report)."""
+    runs = list(by_seed.values())
+    values = [[key(r["rounds"][i], r, i) for r in runs] for i in range(min(len(r["rounds"]) for r in runs))]
+    return [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot(grid: dict[str, dict[str, dict[int, dict]]], ceilings: dict[str, dict[int, dict]], path: Path,
+         title: str) -> None:
+    """Accuracy per round and against cumulative traffic: the mean over seeds, the band from min to max; the
+    central ceilings dashed; the accuracy axis from 0."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     partitions = list(grid)
     fig, axes = plt.subplots(2, len(partitions), figsize=(6 * len(partitions), 9), squeeze=False)
-    names = sorted({name for reports in grid.values() for name in reports})
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    names = list(dict.fromkeys(name for reports in grid.values() for name in reports))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     styles = {name: s for name, s in zip(ceilings, ("--", ":", "-."))}
     for col, partition in enumerate(partitions):
         by_round, by_bytes = axes[0][col], axes[1][col]
-        for name, report in grid[partition].items():
-            accuracy = [100 * r["accuracy"] for r in report["rounds"]]
-            by_round.plot([r["round"] for r in report["rounds"]], accuracy, marker="o", ms=3, color=colors[name],
-                          label=name)
-            if report["rounds"][-1]["bytes_up"] > 0:
-                by_bytes.plot(cumulative_mb(report), accuracy, marker="o", ms=3, color=colors[name], label=name)
-        for name, report in ceilings.items():
-            by_round.axhline(100 * report["rounds"][-1]["accuracy"], color="gray", ls=styles.get(name, "--"),
-                             lw=1, label=f"ceiling: {name}")
-        by_round.set(xlabel="round", ylabel="central test accuracy (%)",
-                     title=f"{partition_title(partition)}: accuracy per round")
+        for name, by_seed in grid[partition].items():
+            mean, low, high = mean_curve(by_seed, lambda row, report, i: 100 * row["accuracy"])
+            rounds = list(range(1, len(mean) + 1))
+            by_round.plot(rounds, mean, marker="o", ms=3, color=colors[name], label=name)
+            if len(by_seed) > 1:
+                by_round.fill_between(rounds, low, high, color=colors[name], alpha=0.12, lw=0)
+            mb, _, _ = mean_curve(by_seed, lambda row, report, i: cumulative_mb(report)[i])
+            if mb[-1] > 0:
+                by_bytes.plot(mb, mean, marker="o", ms=3, color=colors[name], label=name)
+        for name, by_seed in ceilings.items():
+            level = 100 * sum(final_accuracy(r) for r in by_seed.values()) / len(by_seed)
+            for ax in (by_round, by_bytes):
+                ax.axhline(level, color="gray", ls=styles.get(name, "--"), lw=1, label=f"central ceiling: {name}")
+        seeds = sorted({s for by_seed in grid[partition].values() for s in by_seed})
+        by_round.set(xlabel="round", ylabel="central test accuracy (%)", ylim=(0, 100),
+                     title=f"{partition_title(partition)}: accuracy per round (seeds {', '.join(map(str, seeds))})")
         by_bytes.set(xlabel="cumulative MB per client (up + down)", ylabel="central test accuracy (%)",
-                     title=f"{partition_title(partition)}: accuracy against traffic", xscale="log")
+                     title=f"{partition_title(partition)}: accuracy against traffic", xscale="log", ylim=(0, 100))
         for ax in (by_round, by_bytes):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -255,65 +333,87 @@ def client_memory(out: Path, names: list[str], model: str, batch: int) -> dict[s
     return known
 
 
-def write_report(out: Path, runs: list[Run], settings: dict, target: float) -> str:
-    names = list(dict.fromkeys(r.name for r in runs if r.partition != "central"))
-    partitions = list(dict.fromkeys(r.partition for r in runs if r.partition != "central"))
-    grid = {p: {n: json.loads(run_path(out, Run(n, *parse_run(n), partition=p)).read_text()) for n in names}
-            for p in partitions}
-    ceilings = {r.name: json.loads(run_path(out, r).read_text()) for r in runs if r.partition == "central"}
+def run_order(name: str) -> tuple[int, bool, str]:
+    """Runs in the order simulation/methods.py lists the methods, each method's traffic and wire variants after it."""
+    method, traffic, wire = parse_run(name)
+    return list(METHODS).index(method), traffic != "ours", wire or ""
+
+
+def write_report(out: Path, settings: dict) -> str:
+    """Tables, summary.json and the plot from every report in `out` (runs of earlier invocations included, so
+    the suite can add seeds or ablations in steps)."""
+    grid, ceilings = load_results(out)
+    partitions = [p for p in ("iid", *sorted(p for p in grid if p != "iid")) if p in grid]
+    grid = {p: dict(sorted(grid[p].items(), key=lambda kv: run_order(kv[0]))) for p in partitions}
+    names = list(dict.fromkeys(n for reports in grid.values() for n in reports))
     users: dict[str, list[str]] = {}
     for n in names:
         users.setdefault(adaptation_of(parse_run(n)[0]), []).append(n)
     memory = client_memory(out, names, settings["model"], 16)
     title = (f"{settings['dataset']}, {settings['clients']} clients, {settings['rounds']} rounds, "
-             f"backbone {Path(settings['model']).stem}, seed {settings['seed']}")
-    sections, summary = [f"# {title}\n"], {}
-    for p in partitions:
-        rows = summary_rows(grid[p], ceilings, memory, target)
-        summary[p] = rows
-        sections.append(f"## {partition_title(p)}\n\n{markdown_table(rows, target)}")
+             f"backbone {Path(settings['model']).stem}")
+    summary = {p: summary_rows(grid[p], ceilings, memory) for p in partitions}
+    sections = [f"# {title}\n", "Final accuracy on the central test set: mean ± sample standard deviation over the "
+                "seeds; in brackets the points to the run's own central ceiling (the same trained tensors on the "
+                f"pooled data) and to {REFERENCE}, both between means. MB to {TO_CEILING:.0%} of the ceiling: "
+                "per client, up to the first round at or above it, mean over the seeds that got there.\n",
+                grid_table(summary)]
     if ceilings:
         sections.append(f"## Central ceilings (pooled training shares, no federation)\n\n"
                         f"{ceiling_table(ceilings, users)}")
     sections.append("![accuracy per round and against traffic](comparison.png)\n")
     text = "\n".join(sections)
     (out / "tables.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"settings": settings, "target": target, "partitions": summary,
-                                                  "ceilings": {k: v["rounds"] for k, v in ceilings.items()}},
-                                                 indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(
+        {"settings": settings, "to_ceiling": TO_CEILING, "reference": REFERENCE, "partitions": summary,
+         "ceilings": {k: {str(s): r["rounds"] for s, r in v.items()} for k, v in ceilings.items()}},
+        indent=2) + "\n")
     plot(grid, ceilings, out / "comparison.png", title)
     return text
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs at least one seed and no repeats, got {text!r}")
+    return seeds
 
 
 @click.command(context_settings={"show_default": True})
 @click.option("--methods", default="sfprompt,fl",
               help=f"Comma-separated run names: {', '.join(METHODS)}, or a split method + '-paper'.")
 @click.option("--partitions", default="0.5", help="Comma-separated: 'iid' and/or Dirichlet alphas.")
-@click.option("--central", is_flag=True, help="Also train each adaptation's central ceiling.")
+@click.option("--central", is_flag=True, help="Also train each adaptation's central ceiling (per seed).")
+@click.option("--seeds", default="0", help="Comma-separated seeds; every run and ceiling once per seed.")
 @click.option("--dataset", default="mnist5k")
 @click.option("--model", default=DEFAULT_MODEL)
 @click.option("--clients", default=10)
 @click.option("--rounds", default=5)
-@click.option("--seed", default=0)
 @click.option("--prompts", default=10)
-@click.option("--keep", default=0.5)
+@click.option("--head-blocks", default=0)
+@click.option("--tail-blocks", default=0)
+@click.option("--keep", type=float, default=None, help="Pruning's keep fraction [default: each method's own].")
 @click.option("--wire", default="fp16")
 @click.option("--lr", type=float, default=None, help="One learning rate for all [default: each method's own].")
 @click.option("--train-samples", type=int, default=None, help="A seeded subset of the training set (quick runs).")
-@click.option("--target", default=0.5, help="Accuracy whose rounds and bytes to reach are reported.")
 @click.option("--jobs", default=1, help="Runs at once, one thread each (1: one run, torch's default threads).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"))
 @click.option("--resume", is_flag=True, help="Reuse the reports that exist in <out> (same settings assumed).")
-def main(methods, partitions, central, dataset, model, clients, rounds, seed, prompts, keep, wire, lr, train_samples,
-         target, jobs, out, resume) -> None:
+def main(methods, partitions, central, seeds, dataset, model, clients, rounds, prompts, head_blocks, tail_blocks,
+         keep, wire, lr, train_samples, jobs, out, resume) -> None:
     """Compare federated methods on one task, printing each round as it finishes."""
 
     def job() -> None:
         if not Path(model).exists() and model.endswith(".pth"):
             raise ConfigError(f"{model} does not exist: run `make backbone` first, or name another with --model")
-        runs = plan_runs(methods.split(","), [parse_partition(p) for p in partitions.split(",")], central)
-        settings = {"dataset": dataset, "model": model, "clients": clients, "rounds": rounds, "seed": seed,
-                    "prompts": prompts, "keep": keep, "wire": wire, "lr": lr, "train_samples": train_samples}
+        names = methods.split(",")
+        runs = plan_runs(names, [parse_partition(p) for p in partitions.split(",")], central, parse_seeds(seeds))
+        settings = {"dataset": dataset, "model": model, "clients": clients, "rounds": rounds, "prompts": prompts,
+                    "head_blocks": head_blocks, "tail_blocks": tail_blocks, "keep": keep, "wire": wire, "lr": lr,
+                    "train_samples": train_samples}
         todo = [r for r in runs if not (resume and run_path(out, r).exists())]
         click.echo(f"{len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to do, {jobs} at a time")
         start = time.time()
@@ -326,7 +426,7 @@ def main(methods, partitions, central, dataset, model, clients, rounds, seed, pr
             for r in todo:
                 run_one(r, settings, run_path(out, r))
         click.echo(f"all runs done in {time.time() - start:.0f} s")
-        click.echo(write_report(out, runs, settings, target))
+        click.echo(write_report(out, settings))
         click.echo(f"written: {out / 'tables.md'}, {out / 'comparison.png'}")
 
     run_cli(job)

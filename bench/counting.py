@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 from bench.device_step import machine_facts  # noqa: E402
 from export.backbone import resolve_model  # noqa: E402
 from export.split import SplitSpec  # noqa: E402
-from simulation.cli import train_config  # noqa: E402
 from simulation.counting import count_client_round  # noqa: E402
+from simulation.methods import get_method  # noqa: E402
 
 # (label, method, traffic, wire): what each table row counts.
 VARIANTS = (("ours, fp16 tokens", "sfprompt", "ours", "fp16"), ("ours, int8 tokens", "sfprompt", "ours", "int8"),
@@ -33,8 +33,9 @@ PAPER = {"vit_base_patch16_224": {"flops": 0.0046, "bytes": 0.47}, "vit_large_pa
 def count(model: str, samples: int, keep: float, prompts: int, classes: int = 10) -> list[dict]:
     rows = []
     for label, method, traffic, wire in VARIANTS:
-        cfg = train_config(method, None, keep=keep, epochs=1, traffic=traffic, wire=wire)
-        meter = count_client_round(method, resolve_model(model), classes, SplitSpec(prompts), cfg, samples)
+        recipe = get_method(method).recipe.but(keep=keep, epochs=1, wire=wire)
+        meter = count_client_round(method, resolve_model(model), classes, SplitSpec(prompts), recipe, samples,
+                                   traffic=traffic)
         rows.append({"model": model, "variant": label, "method": method, "client_flops": meter.flops,
                      "bytes_up": meter.bytes_up, "bytes_down": meter.bytes_down})
     fl = rows[-1]

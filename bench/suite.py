@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,54 +23,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARISON_RUNS = "sfprompt,sfprompt-paper,sfprompt-no-prune,sfprompt-no-local,fl,fedprompt,sfl"
+# The comparison's headline rows get three seeds; the ablations and the other baselines one (same folder, one
+# report: bench/compare.py reads every run there).
+HEADLINE_RUNS = "sfprompt,sfprompt-split-only,sfprompt-paper-phase1,fl"
+ABLATION_RUNS = "sfprompt-no-prune,sfprompt-no-local,sfprompt-paper,fedprompt,sfl"
 PRECISION_RUNS = "sfprompt-fp32,sfprompt-fp16,sfprompt-int8"
+COMPARE = ("--partitions", "iid,0.5,0.1", "--central", "--rounds", "10", "--jobs", "2", "--resume")
+QUICK = ("--rounds", "2", "--train-samples", "1000", "--resume")
 
 
 @dataclass(frozen=True)
 class Item:
-    name: str            # its folder under the results root
+    name: str                           # its folder under the results root
     title: str
     script: str
-    full: tuple[str, ...]
-    quick: tuple[str, ...]
-    seeds: tuple[int, ...] = ()     # run once per seed, into <item>/seed<k>/
-    quick_seeds: tuple[int, ...] = ()
+    full: tuple[tuple[str, ...], ...]   # one invocation per argument list, in order, into the same folder
+    quick: tuple[tuple[str, ...], ...]
 
 
 ITEMS = (
     Item("comparison", "1. The comparison: methods, ablations, partitions, central ceilings", "bench/compare.py",
-         ("--methods", COMPARISON_RUNS, "--partitions", "iid,0.5,0.1", "--central", "--rounds", "10",
-          "--target", "0.5", "--resume"),
-         ("--methods", "sfprompt,sfprompt-paper,fl", "--partitions", "iid,0.1", "--central", "--rounds", "2",
-          "--train-samples", "1000", "--target", "0.3", "--resume")),
-    Item("counting", "2. Counting at the paper's scale (ViT-B/16, ViT-L/16 at 224)", "bench/counting.py",
-         (), ("--models", "vit_base_patch16_224", "--samples", "100")),
-    Item("precision", "3. Smashed-token precision", "bench/compare.py",
-         ("--methods", PRECISION_RUNS, "--partitions", "0.5", "--rounds", "10", "--resume"),
-         ("--methods", PRECISION_RUNS, "--partitions", "0.5", "--rounds", "1", "--train-samples", "1000",
-          "--resume"), seeds=(0, 1, 2), quick_seeds=(0,)),
-    Item("serving", "4. The server: serving path against the bare body", "bench/serving.py",
-         ("--devices", "1,8,64", "--batch", "2", "--seconds", "40"),
-         ("--devices", "1,8", "--batch", "2", "--seconds", "5")),
-    Item("transport", "5. The transport: protocol goodput against raw paho", "bench/transport.py",
-         ("--trials", "5"), ("--trials", "1", "--sizes", "65536,1048576")),
+         (("--methods", HEADLINE_RUNS, "--seeds", "0,1,2", *COMPARE),
+          ("--methods", ABLATION_RUNS, "--seeds", "0", *COMPARE)),
+         (("--methods", "sfprompt,sfprompt-split-only,sfprompt-paper,fl", "--partitions", "iid,0.1", "--central",
+           "--seeds", "0,1", *QUICK),)),
+    Item("split-sweep", "2. The split sweep: head and tail blocks, prompts", "bench/split_sweep.py",
+         (("--rounds", "10", "--jobs", "2", "--resume"),),
+         (("--configs", "0/0/10,1/1/10", "--rounds", "1", "--train-samples", "600", "--resume"),)),
+    Item("counting", "3. Counting at the paper's scale (ViT-B/16, ViT-L/16 at 224)", "bench/counting.py",
+         ((),), (("--models", "vit_base_patch16_224", "--samples", "100"),)),
+    Item("precision", "4. Smashed-token precision", "bench/compare.py",
+         (("--methods", PRECISION_RUNS, "--partitions", "0.5", "--seeds", "0,1,2", "--rounds", "10", "--jobs", "2",
+           "--resume"),),
+         (("--methods", PRECISION_RUNS, "--partitions", "0.5", "--rounds", "1", "--train-samples", "1000",
+           "--resume"),)),
+    Item("serving", "5. The server: serving path against the bare body", "bench/serving.py",
+         (("--devices", "1,8,64", "--batch", "2", "--seconds", "40"),),
+         (("--devices", "1,8", "--batch", "2", "--seconds", "5"),)),
+    Item("transport", "6. The transport: protocol goodput against raw paho", "bench/transport.py",
+         (("--trials", "5"),), (("--trials", "1", "--sizes", "65536,1048576"),)),
     Item("device-step", "On-device step time and memory against PyTorch (issue 3's targets)", "bench/device_step.py",
-         (), ("--models", "vit_tiny_patch16_224", "--batches", "8", "--reps", "5")),
+         ((),), (("--models", "vit_tiny_patch16_224", "--batches", "8", "--reps", "5"),)),
     Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
-         ("--rounds", "20", "--devices", "4"), ("--rounds", "3", "--devices", "3", "--samples", "300",
-                                                "--interval", "6")),
+         (("--rounds", "20", "--devices", "4"),),
+         (("--rounds", "3", "--devices", "3", "--samples", "300", "--interval", "6"),)),
 )
 
 
 def run_item(item: Item, root: Path, quick: bool) -> None:
-    args = item.quick if quick else item.full
-    seeds = (item.quick_seeds if quick else item.seeds) or (None,)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    for seed in seeds:
-        out = root / item.name if seed is None else root / item.name / f"seed{seed}"
-        cmd = [sys.executable, item.script, *args, "--out", str(out), *(() if seed is None else ("--seed", str(seed)))]
-        print(f"\n=== {item.title}{'' if seed is None else f', seed {seed}'}: {' '.join(cmd[1:])}", flush=True)
+    for args in item.quick if quick else item.full:
+        cmd = [sys.executable, item.script, *args, "--out", str(root / item.name)]
+        print(f"\n=== {item.title}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         print(f"=== {item.name}: {time.time() - start:.0f} s", flush=True)
@@ -89,28 +94,60 @@ def _demote(markdown: str) -> str:
 def _relink(markdown: str, folder: Path, page: Path) -> str:
     """Image links written relative to an item's folder, rewritten relative to RESULTS.md."""
     prefix = os.path.relpath(folder, page.parent)
-    return markdown.replace("](comparison.png)", f"]({prefix}/comparison.png)")
+    return re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
 
 
 def precision_table(folder: Path) -> str | None:
-    """Final accuracy and traffic per token dtype, over the seeds that exist."""
-    per_wire: dict[str, list[dict]] = {}
-    for summary in sorted(folder.glob("seed*/summary.json")):
-        for row in json.loads(summary.read_text())["partitions"]["dir0.5"]:
-            per_wire.setdefault(row["run"], []).append(row)
-    if not per_wire:
+    """Final accuracy and traffic per token dtype, over the seeds run."""
+    summary = folder / "summary.json"
+    if not summary.exists():
         return None
-    lines = ["| tokens | seeds | final accuracy, mean (min - max) | MB per client per round |", "|---|---|---|---|"]
-    for run, rows in per_wire.items():
-        acc = [r["final_accuracy"] for r in rows]
-        mb = sum(r["bytes_per_round"] for r in rows) / len(rows) / 1e6
-        lines.append(f"| {run.rsplit('-', 1)[-1]} | {len(rows)} | {sum(acc) / len(acc):.3f} "
-                     f"({min(acc):.3f} - {max(acc):.3f}) | {mb:.2f} |")
+    rows = json.loads(summary.read_text())["partitions"].get("dir0.5", [])
+    lines = ["| tokens | seeds | final accuracy, mean ± sd (min - max) | MB per client per round |", "|---|---|---|---|"]
+    for row in rows:
+        acc = row["final_spread"]
+        lines.append(f"| {row['run'].rsplit('-', 1)[-1]} | {acc['n']} | {acc['mean']:.3f} ± {acc['sd']:.3f} "
+                     f"({acc['min']:.3f} - {acc['max']:.3f}) | {row['bytes_per_round'] / 1e6:.2f} |")
     return "\n".join(lines) + "\n"
 
 
+def comparison_targets(summary: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 12's: SFPrompt's phase 1 pays (as accurate as split-only, near its ceiling, fewer bytes); and issue 5's
+    original ceiling target."""
+    out: list[tuple[str, str, bool | None]] = []
+    rows = {p: {r["run"]: r for r in rs} for p, rs in summary["partitions"].items()}
+    for partition, title in (("iid", "IID"), ("dir0.5", "Dirichlet 0.5")):
+        ours, ref = rows.get(partition, {}).get("sfprompt"), rows.get(partition, {}).get("sfprompt-split-only")
+        if not ours:
+            continue
+        seeds = f"mean of {ours['final_spread']['n']} seeds"
+        if ref:
+            out.append((f"sfprompt within 1 point of sfprompt-split-only, {title} ({seeds})",
+                        f"{ours['final_accuracy']:.3f} vs {ref['final_accuracy']:.3f} "
+                        f"({100 * ours['vs_reference']:+.1f} points)", ours["vs_reference"] >= -0.01))
+        if ours["ceiling_accuracy"] is not None:
+            out.append((f"sfprompt within 2 points of its central ceiling, {title} ({seeds})",
+                        f"{ours['final_accuracy']:.3f} vs {ours['ceiling_accuracy']:.3f} "
+                        f"({100 * ours['vs_ceiling']:+.1f} points)", ours["vs_ceiling"] >= -0.02))
+        if partition == "iid" and ref:
+            ratio = ours["bytes_per_round"] / ref["bytes_per_round"]
+            out.append(("sfprompt bytes per client per round <= 0.6x sfprompt-split-only's, IID", f"{ratio:.2f}x",
+                        ratio <= 0.6))
+            mb, ref_mb = ours["mb_to_ceiling"], ref["mb_to_ceiling"]
+            out.append((f"sfprompt reaches {summary['to_ceiling']:.0%} of its ceiling with fewer MB per client than "
+                        "sfprompt-split-only, IID",
+                        f"{'not reached' if mb is None else f'{mb:.1f} MB'} vs "
+                        f"{'not reached' if ref_mb is None else f'{ref_mb:.1f} MB'}",
+                        mb is not None and (ref_mb is None or mb < ref_mb)))
+        if partition == "iid" and ours["ceiling_accuracy"] is not None:
+            out.append(("federated SFPrompt within 1 point of its central ceiling, IID (issue 5)",
+                        f"{ours['final_accuracy']:.3f} vs {ours['ceiling_accuracy']:.3f} "
+                        f"({100 * ours['vs_ceiling']:+.1f} points)", ours["vs_ceiling"] >= -0.01))
+    return out
+
+
 def targets(root: Path) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for each of issue 5's targets whose results exist."""
+    """(target, measured, met) for each target whose results exist."""
     out: list[tuple[str, str, bool | None]] = []
     counting = root / "counting" / "results.json"
     if counting.exists():
@@ -124,13 +161,7 @@ def targets(root: Path) -> list[tuple[str, str, bool | None]]:
             out.append((f"{model} client FLOPs <= 0.46% of FL", f"{r['flops_vs_fl']:.3%}", r["flops_vs_fl"] <= 0.0046))
     comparison = root / "comparison" / "summary.json"
     if comparison.exists():
-        summary = json.loads(comparison.read_text())
-        for row in summary["partitions"].get("iid", []):
-            if row["run"] == "sfprompt" and row["ceiling_accuracy"] is not None:
-                gap = 100 * (row["final_accuracy"] - row["ceiling_accuracy"])
-                out.append(("federated SFPrompt within 1 point of its central ceiling, IID",
-                            f"{row['final_accuracy']:.3f} vs {row['ceiling_accuracy']:.3f} ({gap:+.1f} points)",
-                            gap >= -1.0))
+        out += comparison_targets(json.loads(comparison.read_text()))
     serving = root / "serving" / "results.json"
     if serving.exists():
         data = json.loads(serving.read_text())
@@ -162,9 +193,8 @@ def write_results(root: Path, page: Path, command: str) -> str:
         folder = root / item.name
         if item.name == "precision":
             body = precision_table(folder)
-            plots = sorted(folder.glob("seed*/comparison.png"))
-            if body and plots:
-                body += "\n" + "\n".join(f"![{p.parent.name}]({os.path.relpath(p, page.parent)})" for p in plots)
+            if body and (folder / "comparison.png").exists():
+                body += f"\n![precision]({os.path.relpath(folder / 'comparison.png', page.parent)})"
         else:
             body = _read(folder / "tables.md") or _read(folder / "results.md")
         if body is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from export.cli import split_options
-from sfp_common.cli import configure_logging, run_cli
+from sfp_common.cli import configure_logging, recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
 
 log = logging.getLogger("sfp-cloud")
@@ -128,13 +128,7 @@ def main() -> None:
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Registry, bundles, checkpoints and round summaries (resumed from on restart).")
 @click.option("--rounds", default=5)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
-@click.option("--lr", type=float, default=3e-3)
-@click.option("--weight-decay", type=float, default=0.0)
-@click.option("--momentum", type=float, default=0.9)
-@click.option("--epochs", default=1, help="Passes of split training over the kept samples per round.")
-@click.option("--local-loss-epochs", default=1)
-@click.option("--keep", type=float, default=0.5, help="EL2N keep fraction.")
+@recipe_options
 @click.option("--fraction", type=float, default=1.0, help="Share of the online devices selected per round.")
 @click.option("--min-devices", default=1, help="Devices online before a round starts.")
 @click.option("--deadline", type=float, default=600.0, help="Seconds a round waits for its devices.")
@@ -146,22 +140,22 @@ def main() -> None:
 @click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
 def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, optimizer, lr,
-          weight_decay, momentum, epochs, local_loss_epochs, keep, fraction, min_devices, deadline, no_device_eval, backends, training_python,
-          workers, max_packet, metrics_port) -> None:
-    """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body."""
+          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, fraction,
+          min_devices, deadline, no_device_eval, backends, training_python, workers, max_packet, metrics_port,
+          **recipe_settings) -> None:
+    """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body. The recipe options default
+    to SFPrompt's recipe (sfp_common/recipe.py), the reference federation's."""
     from cloud_server.coordinator import Coordinator, FederationConfig
     from cloud_server.metrics import Metrics
     from export.split import SplitSpec
-    from sfp_common.bundle import OptimizerSpec
+    from sfp_common.recipe import Recipe
 
     def job() -> None:
         cfg = FederationConfig(
             federation=federation, model=model, classes=class_names(classes), state_dir=state_dir,
             split=SplitSpec(prompts, head_blocks, tail_blocks),
-            optimizer=OptimizerSpec(optimizer, weight_decay=weight_decay, momentum=momentum), img_size=img_size,
-            pretrained=not random_init, seed=seed, rounds=rounds, lr=lr, epochs=epochs,
-            local_loss_epochs=local_loss_epochs, keep=keep, fraction=fraction, min_devices=min_devices,
+            recipe=recipe_from_options(Recipe(), **recipe_settings), img_size=img_size,
+            pretrained=not random_init, seed=seed, rounds=rounds, fraction=fraction, min_devices=min_devices,
             round_deadline_s=deadline, evaluate_on_devices=not no_device_eval,
             backends=tuple(b for b in backends.split(",") if b), training_python=training_python)
         metrics = Metrics()
@@ -220,17 +214,19 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
 @click.option("--devices", default=4)
 @click.option("--rounds", default=5)
 @click.option("--alpha", type=float, default=0.5, help="Dirichlet label skew of the devices' shares.")
-@click.option("--lr", type=float, default=3e-2, help="SFPrompt's learning rate in the reference federation.")
-@click.option("--epochs", default=3, help="Passes of split training per round.")
 @click.option("--prompts", default=10)
 @click.option("--profile", default="auto", help="The devices' firmware profile.")
 @click.option("--seed", default=0)
 @click.option("--tls/--no-tls", default=True, help="A secured broker (local CA, accounts, ACLs) or an open one.")
-def demo(out, model, devices, rounds, alpha, lr, epochs, prompts, profile, seed, tls) -> None:
-    """A whole federation here: broker, server and device processes, progress, a table and a plot."""
+@recipe_options
+def demo(out, model, devices, rounds, alpha, prompts, profile, seed, tls, **recipe_settings) -> None:
+    """A whole federation here: broker, server and device processes, progress, a table and a plot. The recipe
+    options are passed to `sfp-cloud serve` (none given: SFPrompt's default recipe)."""
     from cloud_server.demo import run_demo
-    run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, lr, epochs, prompts, profile, click.echo,
-                             tls))
+    serve_args = tuple(arg for name, value in recipe_settings.items() if value is not None
+                       for arg in (f"--{name.replace('_', '-')}", str(value)))
+    run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, prompts, profile, click.echo, tls,
+                             serve_args))
 
 
 @main.command()

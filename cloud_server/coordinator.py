@@ -1,7 +1,7 @@
 """The federation's coordinator: enrollment, rounds, FedAvg, checkpoints, evaluation, and the fleet's status.
 
-A round: select online enrolled devices; send each the global prompts and tail with its plan (learning rate,
-its profile's batch size, epochs, EL2N keep fraction, its batch-order seed); wait until every selected device has
+A round: select online enrolled devices; send each the global prompts and tail with its plan (the federation's
+recipe with its profile's batch size and wire precision, and its batch-order seed); wait until every selected device has
 answered, gone offline, or the deadline passed; FedAvg what arrived, weighted by sample counts; checkpoint; then
 optionally ask the online devices to evaluate the new global model on their local test data. The round's summary
 is retained in the broker and appended to `rounds.jsonl`.
@@ -19,7 +19,7 @@ import shutil
 import tarfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +30,9 @@ from export.backbone import resolve_model
 from export.split import SplitSpec
 from sfp_common.aggregate import fedavg
 from sfp_common.batching import client_seed
-from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, check_trainables, read_bundle
+from sfp_common.bundle import BundleError, Manifest, check_trainables, read_bundle
 from sfp_common.errors import ConfigError
+from sfp_common.recipe import Recipe
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
 from cloud_server.security import Security
@@ -50,17 +51,11 @@ class FederationConfig:
     classes: tuple[str, ...]
     state_dir: Path                     # also holds security/: accounts, enrollment tokens (cloud_server/security)
     split: SplitSpec = field(default_factory=SplitSpec)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    recipe: Recipe = field(default_factory=Recipe)     # what each device does in a round (sfp_common/recipe.py)
     img_size: int | None = None
     pretrained: bool = True
     seed: int = 0
     rounds: int = 5
-    lr: float = 3e-3
-    epochs: int = 1
-    local_loss_epochs: int = 1
-    keep: float = 0.5
-    prune: bool = True
-    local_update: bool = True
     fraction: float = 1.0
     min_devices: int = 1
     round_deadline_s: float = 600.0
@@ -133,7 +128,7 @@ class Coordinator:
                 log.info("exporting the %s bundle (checked against PyTorch)", backend)
                 shutil.rmtree(folder, ignore_errors=True)
                 manifest, _ = export_bundle(self.model, self.preprocessing, folder, self.model_id,
-                                            self.cfg.optimizer, backend=backend,
+                                            self.cfg.recipe.optimizer, backend=backend,
                                             training_python=self.cfg.training_python)
             self.bundles[backend] = (manifest, archive(folder))
         return self.bundles[backend]
@@ -141,7 +136,7 @@ class Coordinator:
     def _fits(self, manifest: Manifest) -> bool:
         """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
         split, params = self.cfg.split, dict(self.model.named_parameters())
-        return (manifest.model_id == self.model_id and manifest.optimizer == self.cfg.optimizer
+        return (manifest.model_id == self.model_id and manifest.optimizer == self.cfg.recipe.optimizer
                 and (manifest.prompts, manifest.head_blocks, manifest.tail_blocks) == (
                     split.prompts, split.head_blocks, split.tail_blocks)
                 and all(t.name in params and tuple(params[t.name].shape) == t.shape for t in manifest.trainables))
@@ -256,10 +251,10 @@ class Coordinator:
 
     # ----------------------------------------------------------------------------------------- rounds
     def plan(self, device: str, round_index: int) -> RoundPlan:
+        """The federation's recipe with the device's own batch size and wire precision (its profile's)."""
         entry = self.registry.get(device)
-        return RoundPlan(lr=self.cfg.lr, batch_size=int(entry.profile["batch_size"]), epochs=self.cfg.epochs,
-                         local_loss_epochs=self.cfg.local_loss_epochs, keep=self.cfg.keep, prune=self.cfg.prune,
-                         local_update=self.cfg.local_update, seed=client_seed(self.cfg.seed, round_index, entry.index))
+        recipe = self.cfg.recipe.but(batch_size=int(entry.profile["batch_size"]), wire=str(entry.profile["wire"]))
+        return RoundPlan(recipe, client_seed(self.cfg.seed, round_index, entry.index))
 
     def select(self, round_index: int) -> list[str]:
         online = self.online_enrolled()
@@ -333,7 +328,7 @@ class Coordinator:
         for device in selected:
             plan = self.plan(device, round_index)
             self.link.send(self.topics.down(device, "round"), Message(
-                "round", device, round_index, attempt, meta={"train": True, "plan": asdict(plan)},
+                "round", device, round_index, attempt, meta={"train": True, "plan": plan.as_dict()},
                 tensors=self.global_state))
         deadline = time.monotonic() + self.cfg.round_deadline_s
         updates = self._collect(set(selected), round_index, attempt, "update", deadline)

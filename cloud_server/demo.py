@@ -45,16 +45,42 @@ def write_shares(out: Path, devices: int, alpha: float | None, seed: int) -> tup
     return folders, data.classes
 
 
-def plot(rows: list[dict], path: Path) -> None:
+BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "results" / "comparison" / "summary.json"
+REFERENCE_RUNS = {"sfprompt": "SFPrompt", "sfprompt-split-only": "split-only", "fl": "FL (whole model)"}
+
+
+def benchmark_references(alpha: float | None, path: Path = BENCHMARK) -> dict[str, float]:
+    """Final accuracies from the committed comparison (bench/results/comparison) for the demo's partition, and the
+    prompts + tail central ceiling: the lines the demo's result is read against. Empty without the file."""
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    partition = "iid" if alpha is None else f"dir{alpha:g}"
+    rows = {r["run"]: r for r in summary["partitions"].get(partition, summary["partitions"].get("iid", []))}
+    out = {label: rows[run]["final_accuracy"] for run, label in REFERENCE_RUNS.items() if run in rows}
+    ceiling = rows.get("sfprompt", {}).get("ceiling_accuracy")
+    if ceiling is not None:
+        out["central ceiling (prompts + tail)"] = ceiling
+    return out
+
+
+def plot(rows: list[dict], path: Path, references: dict[str, float], alpha: float | None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rounds = [r["round"] for r in rows]
-    fig, (acc, traffic) = plt.subplots(1, 2, figsize=(10, 4))
-    acc.plot(rounds, [r.get("accuracy") or np.nan for r in rows], marker="o")
-    acc.set(xlabel="round", ylabel="accuracy (devices' local test data)", title="Accuracy of the global model",
-            xticks=rounds)
+    fig, (acc, traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
+    acc.plot(rounds, [100 * (r.get("accuracy") or np.nan) for r in rows], marker="o", color="C0", lw=2,
+             label="this demo: devices' local test data")
+    for (label, value), style in zip(references.items(), ("--", "-.", ":", (0, (5, 1)))):
+        acc.axhline(100 * value, color="gray", ls=style, lw=1, label=f"benchmark: {label}")
+    partition = "IID" if alpha is None else f"Dirichlet {alpha:g}"
+    acc.set(xlabel="round", ylabel="accuracy (%)", ylim=(0, 100), xticks=rounds,
+            title=f"Accuracy of the global model ({partition})")
     acc.grid(alpha=0.3)
+    acc.legend(fontsize=7, loc="lower right",
+               title="benchmark: bench/results/comparison, 10 clients,\n10 rounds, central test set" if references
+               else None, title_fontsize=7)
     traffic.bar(np.array(rounds) - 0.2, [r.get("payload_up", 0) / 1e6 for r in rows], 0.4, label="up")
     traffic.bar(np.array(rounds) + 0.2, [r.get("payload_down", 0) / 1e6 for r in rows], 0.4, label="down")
     traffic.set(xlabel="round", ylabel="MB per device", title="Tensor bytes per device and round")
@@ -160,9 +186,10 @@ class LocalFederation:
         self.broker.stop()
 
 
-def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | None, seed: int, lr: float,
-             epochs: int, prompts: int, profile: str, say: Callable[[str], None] = print,
-             tls: bool = True) -> list[dict]:
+def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | None, seed: int, prompts: int,
+             profile: str, say: Callable[[str], None] = print, tls: bool = True,
+             serve_args: tuple[str, ...] = ()) -> list[dict]:
+    """`serve_args`: recipe options for `sfp-cloud serve` (none: SFPrompt's default recipe)."""
     if not Path(model).is_file():
         raise ConfigError(f"backbone {model} not found: pretrain it with `make backbone` (sfp-pretrain)")
     out.mkdir(parents=True, exist_ok=True)
@@ -170,9 +197,8 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
     say(f"writing {devices} non-IID shares of MNIST 5k (Dirichlet alpha={alpha})")
     shares, classes = write_shares(out, devices, alpha, seed)
     fed = LocalFederation(out, shares, classes, ["--model", model, "--prompts", str(prompts), "--rounds",
-                                                 str(rounds), "--lr", str(lr), "--epochs", str(epochs), "--seed",
-                                                 str(seed), "--min-devices", str(devices), "--deadline", "900"],
-                          profile, tls)
+                                                 str(rounds), "--seed", str(seed), "--min-devices", str(devices),
+                                                 "--deadline", "900", *serve_args], profile, tls)
     fed.start_broker()
     say(f"broker: Mosquitto at {fed.url}" + (f" (TLS, CA {fed.folder / 'ca.crt'}, an account per device)"
                                                if tls else ""))
@@ -203,10 +229,16 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
     rows.sort(key=lambda r: r["round"])
     (out / "rounds.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "rounds.md").write_text(rounds_table(rows))
-    plot(rows, out / "federation.png")
+    references = benchmark_references(alpha)
+    plot(rows, out / "federation.png", references, alpha)
     say("")
     say(fleet)
     say("")
     say(rounds_table(rows))
+    final = rows[-1].get("accuracy")
+    say(f"final accuracy on the devices' local test data: {'-' if final is None else f'{final:.3f}'}")
+    if references:
+        say("for reference, from the committed benchmark (bench/results/comparison: 10 clients, 10 rounds, the central "
+            "test set): " + ", ".join(f"{label} {value:.3f}" for label, value in references.items()))
     say(f"{devices} devices, {rounds} rounds in {time.time() - start:.0f} s; table, JSON and federation.png in {out}")
     return rows

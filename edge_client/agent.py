@@ -3,8 +3,9 @@ stopped, with its status retained in the broker for any dashboard.
 
 The device's state folder holds `device.json` (who it is, where the broker is, its profile and data folder),
 `bundle/` (the verified client bundle), and for a secured broker `credentials.json` (its own broker account,
-issued at enrollment; mode 0600) and `ca.crt`. That is all a restart needs: the global state comes with every
-round.
+issued at enrollment; mode 0600) and `ca.crt`, and `memory.npz` (what the device remembers of its own samples
+between rounds: scores and cached body features, edge_client/memory.py). That is all a restart needs: the global
+state comes with every round.
 Images and labels never leave the device; what goes up is smashed tokens, dL/dfeatures, the trained prompts and
 tail, sample counts and accuracies.
 """
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_client.memory import DeviceMemory
 from edge_client.remote_body import RemoteBody, RoundAborted
 from edge_client.round import run_round
 from edge_client.runtime import ClientRuntime, open_runtime
@@ -209,6 +211,7 @@ class DeviceAgent:
         self.x_train, self.y_train = preprocess(data.train.images, prep), data.train.labels
         self.x_test, self.y_test = (preprocess(data.test.images, prep), data.test.labels) if len(data.test) else (
             None, None)
+        self.memory = DeviceMemory(self.state, len(self.y_train))
         self.rounds: queue.Queue[Message] = queue.Queue()
         self.status: dict[str, Any] = {"device": self.config.device, "state": "online", "activity": "idle",
                                        "round": None, "samples": int(len(self.y_train)),
@@ -297,12 +300,13 @@ class DeviceAgent:
     def _train(self, message: Message, index: int, start: float, sent0: int, received0: int) -> None:
         """Run the round, upload; the last round's tensor bytes (and all bytes sent) go into the status."""
         try:
-            plan = RoundPlan(**message.meta["plan"])
-        except (KeyError, TypeError) as err:
+            plan = RoundPlan.from_dict(message.meta["plan"])
+        except (KeyError, ConfigError) as err:
             raise RoundAborted(f"the round's plan is malformed: {err}") from None
         sent_raw0 = self.link.traffic.sent
         self.publish_status(activity="starting", round=index)
-        result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote,
+        memory = self.memory.begin(index)
+        result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote, memory,
                            on_phase=lambda phase: self.publish_status(activity=phase))
         self.publish_status(activity="uploading")
         mqtt0 = self.link.traffic.sent - sent_raw0
@@ -315,6 +319,7 @@ class DeviceAgent:
                   "loss": result.loss_sum / max(1, result.kept), "payload_up": up, "payload_down": down,
                   "seconds": round(time.time() - start, 3)},
             tensors=result.upload)) + mqtt0
+        self.memory.commit(index, memory)
         self.status["last_round"] = {"round": index, "payload_up": up, "payload_down": down,
                                      "mqtt_up": mqtt_up}
 

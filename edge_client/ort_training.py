@@ -119,6 +119,19 @@ class TrainingRuntime(ClientRuntime):
         self.pending_lr = None
         self.step += 1
 
+    def tail_only_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+        """ORT's Optimizer steps every parameter from its buffer, and the prompts' still holds the last split
+        batch's direction: the prompts are put back after the step, so only the tail moves."""
+        step = self.tail_step(features, labels, lr)
+        held = {name: self._get(name) for name in self.manifest.trainable_names("prompts")}
+        self.split_optimizer.set_learning_rate(lr)
+        self.split_optimizer.step()
+        for name, value in held.items():
+            self._put(name, value)
+        self.pending_lr = None
+        self.step += 1
+        return step
+
     def local_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         images = check_batch(images, self.manifest)
         out = self._call(self.local, True, images=images, labels=check_labels(labels, len(images), self.manifest))

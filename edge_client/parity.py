@@ -2,7 +2,8 @@
 
 A case is one step PyTorch took: the trainables and optimizer state it started from, the batch, the learning
 rate, what it computed (logits and loss; for a split batch also the smashed tokens, the server's features and
-gradient, dL/dfeatures) and the trainables and state it ended with. The runtime starts from the same tensors,
+gradient, dL/dfeatures; for a tail-only step the features it trained on) and the trainables and state it ended
+with. The runtime starts from the same tensors,
 takes the same step (the server's part played by the recorded answers) and every output, state and update is
 compared within the limits of sfp_common/parity.py. The exporter refuses a bundle whose replay fails
 (export/verify.py records the cases); the device tests replay the reference federation's own steps.
@@ -44,11 +45,17 @@ def _part(case: Case, prefix: str) -> dict[str, np.ndarray]:
 
 
 def replay_step(runtime: ClientRuntime, case: Case, report: ParityReport) -> None:
-    """One recorded step (local if the case has no server features, else split), from the recorded start."""
+    """One recorded step from the recorded start: tail-only (features but no tokens), local (no features), or
+    split."""
     runtime.load_trainables(_part(case, "before/param/"))
     runtime.load_optimizer_state(_part(case, "before/state/"), int(case["step"]))
     x, y, lr = case["images"], case["labels"], float(case["lr"])
-    if "features" not in case:
+    if "features" in case and "tokens" not in case:
+        tag = "tail-only step"
+        step = runtime.tail_only_step(case["features"], y, lr)
+        report.note("tail_only_step loss", max_rel(step.loss, case["loss"]), OUTPUT_TOL)
+        report.note("tail_only_step logits", max_rel(step.logits, case["tail_logits"]), OUTPUT_TOL)
+    elif "features" not in case:
         tag = "local step"
         report.note("local_logits", max_rel(runtime.local_logits(x), case["logits"]), OUTPUT_TOL)
         loss, logits = runtime.local_step(x, y, lr)
@@ -89,7 +96,8 @@ def _compare_after(runtime: ClientRuntime, case: Case, report: ParityReport, tag
 
 def replay(runtime: ClientRuntime, cases: list[Case]) -> ParityReport:
     batches = tuple(sorted({len(case["images"]) for case in cases}))
-    report = ParityReport(batch_sizes=batches, steps=len(cases) // max(1, 2 * len(batches)))
+    phases = len({("tokens" in c, "features" in c) for c in cases})
+    report = ParityReport(batch_sizes=batches, steps=len(cases) // max(1, phases * len(batches)))
     for case in cases:
         replay_step(runtime, case, report)
     return report

@@ -70,6 +70,13 @@ class PortableRuntime(ClientRuntime):
                         lr=self._scalar(lr))
         return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
 
+    def tail_only_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+        features = check_features(features, self.manifest)
+        out = self._run("tail_step", features=features, labels=check_labels(labels, len(features), self.manifest),
+                        lr=self._scalar(lr))
+        self.values["step"] = out["new.step"]      # the tail's step is the whole step: no prompt_step follows
+        return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
+
     def prompt_step(self, server_grad: np.ndarray, lr: float, images: np.ndarray | None = None) -> None:
         m = self.manifest
         grad, images = check_server_grad(server_grad, m, images)

@@ -1,9 +1,9 @@
-"""One SFPrompt round as a device runs it: EL2N pruning, the local-loss update, split training, the upload.
+"""One SFPrompt round as a device runs it: pruning, split training, the local-loss update, the upload.
 
 The same phases, batch order and step accounting as the reference federation's `client_round`
-(simulation/methods.py), so a device's round can be checked against it number for number. The server is
-anything that answers the two split-training calls: the MQTT client in a real federation, the PyTorch body in a
-test.
+(simulation/methods.py), both following the round plan's recipe (sfp_common/recipe.py), so a device's round can be
+checked against it number for number. The server is anything that answers the two split-training calls: the
+MQTT client in a real federation, the PyTorch body in a test.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_client.runtime import ClientRuntime
 from sfp_common.batching import batch_order
-from sfp_common.pruning import select_hardest
+from sfp_common.pruning import SampleMemory, choose_samples
 from wire_protocol.contracts import RoundPlan
 
 
@@ -35,28 +35,41 @@ class RoundResult:
 
 
 def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, plan: RoundPlan,
-              server: SplitServer, on_phase: Callable[[str], None] = lambda phase: None) -> RoundResult:
-    """Train from the trainables already loaded (the global state) with a fresh optimizer."""
+              server: SplitServer, memory: SampleMemory,
+              on_phase: Callable[[str], None] = lambda phase: None) -> RoundResult:
+    """Train from the trainables already loaded (the global state) with a fresh optimizer. `memory` (this device's
+    scores and cached features) is updated in place: hand in a copy when the round may have to be undone."""
+    recipe = plan.recipe
     runtime.reset_optimizer()
     rng = np.random.default_rng(plan.seed)
     n = len(labels)
-    kept = np.arange(n)
-    if plan.prune:
+    if recipe.prune != "none":
         on_phase("pruning")
-        kept = select_hardest(runtime.el2n(images, labels, plan.batch_size), plan.keep)
-    if plan.local_update:
+    kept = choose_samples(recipe, memory, rng,
+                          lambda: runtime.local_path_scores(images, labels, recipe.batch_size))
+    if recipe.local_update == "local-path":
         on_phase("local update")
-        for _ in range(plan.local_loss_epochs):
-            for idx in batch_order(n, plan.batch_size, rng):
-                runtime.local_step(images[idx], labels[idx], plan.lr)
+        for _ in range(recipe.local_epochs):
+            for idx in batch_order(n, recipe.batch_size, rng):
+                runtime.local_step(images[idx], labels[idx], recipe.lr)
     on_phase("split training")
     loss_sum = 0.0
-    for _ in range(plan.epochs):
+    for _ in range(recipe.epochs):
         loss_sum = 0.0
-        for idx in batch_order(len(kept), plan.batch_size, rng):
-            x, y = images[kept[idx]], labels[kept[idx]]
-            step = runtime.tail_step(server.forward(runtime.smash(x)), y, plan.lr)
+        for idx in batch_order(len(kept), recipe.batch_size, rng):
+            rows = kept[idx]
+            x, y = images[rows], labels[rows]
+            features = server.forward(runtime.smash(x))
+            step = runtime.tail_step(features, y, recipe.lr)
             grad = server.backward(step.dfeatures)
-            runtime.prompt_step(grad, plan.lr, images=None if runtime.manifest.prompt_gradient_only else x)
+            runtime.prompt_step(grad, recipe.lr, images=None if runtime.manifest.prompt_gradient_only else x)
+            memory.record(rows, step.logits, y, features, recipe.wire)
             loss_sum += step.loss * len(y)
+    if recipe.local_update == "cached-features":
+        on_phase("local update")
+        cached = memory.cached()
+        for _ in range(recipe.local_epochs):
+            for idx in batch_order(len(cached), recipe.batch_size, rng):
+                rows = cached[idx]
+                runtime.tail_only_step(memory.features[rows].astype(np.float32), labels[rows], recipe.lr)
     return RoundResult(runtime.trainables(), n, len(kept), loss_sum)

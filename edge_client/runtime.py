@@ -2,12 +2,14 @@
 
 A split batch is three calls: `smash` (images -> tokens for the server), `tail_step` (the server's features ->
 loss, logits, the gradient the server needs, and the tail updated), `prompt_step` (the server's gradient -> the
-prompts updated). `local_step` is SFPrompt's local-loss update (body skipped); `local_logits` feeds EL2N
-pruning; `tail_logits` evaluates. Trainables and optimizer state go in and out as named numpy arrays, keyed as the
+prompts updated). `tail_only_step` trains the tail on features kept from earlier rounds (the default local-loss
+update); `local_step` and `local_logits` are the paper's body-skipped local path (its local update and EL2N);
+`tail_logits` evaluates. Trainables and optimizer state go in and out as named numpy arrays, keyed as the
 bundle names them, so FedAvg, checkpoints and the exporter's check all see the same tensors.
 
-The optimizer's step counter advances once per `local_step` and once per split batch (in `prompt_step`): a
-split batch updates prompts and tail with one shared step, as one torch optimizer over both would.
+The optimizer's step counter advances once per `local_step`, once per `tail_only_step` and once per split batch
+(in `prompt_step`): a split batch updates prompts and tail with one shared step, as one torch optimizer over both
+would.
 """
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ class ClientRuntime(ABC):
 
     @abstractmethod
     def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep: ...
+
+    @abstractmethod
+    def tail_only_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+        """A whole optimizer step of the tail alone, on features the device already holds (the cached-feature
+        local update): prompts untouched, as torch.optim leaves a parameter without a gradient."""
 
     @abstractmethod
     def prompt_step(self, server_grad: np.ndarray, lr: float, images: np.ndarray | None = None) -> None:
@@ -81,8 +88,8 @@ class ClientRuntime(ABC):
                  for slot in self.manifest.optimizer.slots for t in self.manifest.trainables}
         self.load_optimizer_state(zeros, 0)
 
-    def el2n(self, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
-        """EL2N scores of local samples through the local path, in the batches the reference uses."""
+    def local_path_scores(self, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+        """EL2N scores of local samples through the body-skipped local path, in the batches the reference uses."""
         logits = np.concatenate([self.local_logits(images[i:i + batch_size])
                                  for i in range(0, len(images), batch_size)])
         return el2n_scores(logits, labels)

@@ -93,12 +93,15 @@ def preprocessing_of(model: nn.Module) -> Preprocessing:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, architecture: str, kwargs: dict[str, Any],
-                    pretrained_cfg: dict[str, Any]) -> Path:
-    """Write the state dict and its sidecar so `resolve_model(path)` and plain timm can load it."""
+                    pretrained_cfg: dict[str, Any], provenance: dict[str, Any] | None = None) -> Path:
+    """Write the state dict and its sidecar so `resolve_model(path)` and plain timm can load it; `provenance`
+    (how it was made) goes into the sidecar for people, and is not read back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     meta = {"architecture": architecture, "kwargs": kwargs,
             "pretrained_cfg": {k: pretrained_cfg[k] for k in _CFG_KEYS if k in pretrained_cfg}}
+    if provenance:
+        meta["provenance"] = provenance
     sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
     return path

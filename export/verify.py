@@ -3,8 +3,9 @@
 PyTorch autograd + torch.optim take steps on the model the bundle was cut from, and each step is recorded as a
 case (`edge_client/parity.py`): the trainables and optimizer state it started from, its batch, its outputs, the
 server's answers and where it ended. The device runtime then replays every case from the same starting tensors,
-in the backend's own environment. Steps run local first, then split, at batch sizes other than the export one,
-and every step after the first starts from non-zero optimizer state. That is what catches the exporter's silent
+in the backend's own environment. Steps run local first, then split, then tail-only (the cached-feature local
+update: the tail alone on features the device holds), at batch sizes other than the export one, and every step
+after the first starts from non-zero optimizer state. That is what catches the exporter's silent
 failures: a gradient scaled by the batch, a dropped `eps`, merged inputs.
 
 Tolerances (sfp_common/parity.py): outputs (tokens, logits, loss, dL/dfeatures) and optimizer state
@@ -45,7 +46,7 @@ def _snapshot(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], 
 
 def reference_cases(model: SplitViT, manifest: Manifest, batch_sizes: tuple[int, ...] = (1, 3, 8),
                     steps: int = 2, lr: float = 1e-2, seed: int = 0) -> list[Case]:
-    """`steps` local then `steps` split steps per batch size, each one PyTorch step recorded as a case."""
+    """`steps` local, then split, then tail-only steps per batch size, each one PyTorch step recorded as a case."""
     rng = np.random.default_rng(seed)
     slots = manifest.optimizer.slots
     cases = []
@@ -55,7 +56,7 @@ def reference_cases(model: SplitViT, manifest: Manifest, batch_sizes: tuple[int,
         params = dict(ref.named_parameters())
         named = {name: params[name] for name in manifest.trainable_names()}
         opt = torch_optimizer(list(named.values()), manifest.optimizer, lr)
-        for done, phase in enumerate(["local"] * steps + ["split"] * steps):
+        for done, phase in enumerate(["local"] * steps + ["split"] * steps + ["tail"] * steps):
             x = rng.standard_normal((batch, *manifest.preprocessing.input_size)).astype(np.float32)
             y = rng.integers(0, manifest.num_classes, batch)
             case = {"images": x, "labels": y, "lr": np.array(lr), "step": np.array(done),
@@ -66,6 +67,14 @@ def reference_cases(model: SplitViT, manifest: Manifest, batch_sizes: tuple[int,
                 loss = F.cross_entropy(logits, torch.from_numpy(y))
                 loss.backward()
                 case.update(logits=logits.detach().numpy(), loss=np.array(loss.item()))
+            elif phase == "tail":       # the prompts get no gradient: torch.optim leaves them as they are
+                features = torch.from_numpy(
+                    rng.standard_normal((batch, manifest.tail_tokens, manifest.embed_dim)).astype(np.float32))
+                logits = ref.tail(features.requires_grad_(True))
+                loss = F.cross_entropy(logits, torch.from_numpy(y))
+                loss.backward()
+                case.update(features=features.detach().numpy(), tail_logits=logits.detach().numpy(),
+                            loss=np.array(loss.item()), dfeatures=features.grad.numpy())
             else:
                 case.update(_split_step(ref, x, y))
             opt.step()

@@ -1,12 +1,19 @@
-"""How every command-line tool reports bad input: one line, exit status 2, no traceback."""
+"""What every command-line tool shares: bad input reported in one line with exit status 2 and no traceback, the
+logging set-up, and the options that set a recipe (sfp_common/recipe.py)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable, TypeVar
+from dataclasses import replace
+from typing import Any, Callable, TypeVar
 
+import click
+
+from sfp_common.bundle import OPTIMIZERS
 from sfp_common.errors import ConfigError
+from sfp_common.recipe import LOCAL_UPDATES, PRUNE_RULES, SELECT_RULES, Recipe
+from wire_protocol.codec import FLOAT_WIRES
 
 T = TypeVar("T")
 
@@ -30,3 +37,45 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(os.environ.get("SFP_LOG", "INFO"))
+
+
+def recipe_options(f: Callable) -> Callable:
+    """--lr, --optimizer, ... --wire: each omitted one keeps the base recipe's value (`recipe_from_options`), so
+    the defaults live in sfp_common/recipe.py alone."""
+    options = [
+        click.option("--lr", type=float, default=None, help="Learning rate."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None),
+        click.option("--weight-decay", type=float, default=None),
+        click.option("--momentum", type=float, default=None, help="SGD's momentum."),
+        click.option("--batch-size", type=int, default=None, help="(A device uses its profile's.)"),
+        click.option("--epochs", type=int, default=None,
+                     help="Passes over the (kept) data per round: split training, or the whole model on-device."),
+        click.option("--prune", type=click.Choice(PRUNE_RULES), default=None,
+                     help="Which samples split training sees (sfp_common/recipe.py)."),
+        click.option("--keep", type=float, default=None, help="The fraction pruning keeps, in (0, 1]."),
+        click.option("--select", type=click.Choice(SELECT_RULES), default=None,
+                     help="Pruning keeps the highest or the lowest scores."),
+        click.option("--local-update", type=click.Choice(LOCAL_UPDATES), default=None,
+                     help="SFPrompt's local-loss update (sfp_common/recipe.py)."),
+        click.option("--local-epochs", type=int, default=None, help="Passes of the local-loss update."),
+        click.option("--wire", type=click.Choice(FLOAT_WIRES), default=None,
+                     help="Smashed tokens and features on the wire (a device uses its profile's)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+RECIPE_OPTIONS = ("lr", "optimizer", "weight_decay", "momentum", "batch_size", "epochs", "prune", "keep", "select",
+                  "local_update", "local_epochs", "wire")
+
+
+def recipe_from_options(base: Recipe, optimizer: str | None = None, weight_decay: float | None = None,
+                        momentum: float | None = None, **settings: Any) -> Recipe:
+    """`base` with the settings given on the command line (None: not given)."""
+    spec = base.optimizer
+    changed = {k: v for k, v in (("name", optimizer), ("weight_decay", weight_decay), ("momentum", momentum))
+               if v is not None}
+    if changed:
+        settings["optimizer"] = replace(spec, **changed)
+    return base.but(**settings)

@@ -42,14 +42,14 @@ def train_central(federation: Federation, on_round: Callable[[dict], None] | Non
     x = torch.cat([c.x_train for c in federation.clients])
     y = torch.cat([c.y_train for c in federation.clients])
     params = [*federation.client_params.values(), *federation.server_params.values()]
-    opt = make_optimizer(params, cfg.train)
+    opt = make_optimizer(params, cfg.recipe)
     rng = np.random.default_rng(client_seed(cfg.seed, 1, 0))   # one client, round 1: a federation's first batches
     meter = ClientMeter(count_flops=False)
     rows = []
     for r in range(1, cfg.rounds + 1):
         start = time.time()
-        for _ in range(cfg.train.epochs):
-            order = batches(len(y), cfg.train.batch_size, rng)
+        for _ in range(cfg.recipe.epochs):
+            order = batches(len(y), cfg.recipe.batch_size, rng)
             loss_sum = sum(local_step(model, x[i], y[i], meter, opt, model)
                            for i in tqdm(order, desc=f"central {r}", leave=False, disable=not progress))
         central, local = federation.evaluate()

@@ -9,36 +9,17 @@ import click
 from export.backbone import resolve_model
 from export.cli import split_options
 from export.split import SplitSpec
-from sfp_common.cli import run_cli
+from sfp_common.cli import recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
-from simulation.accounting import WIRE_DTYPES
-from simulation.methods import METHODS, TRAFFIC_VARIANTS, TrainConfig, get_method
+from sfp_common.recipe import Recipe
+from simulation.methods import METHODS, TRAFFIC_VARIANTS, get_method
 
 DEFAULT_MODEL = "models/vit-fmnist.pth"
 
 
-def train_options(f):
-    options = [
-        click.option("--lr", type=float, default=None, help="Learning rate [default: the method's own]."),
-        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
-        click.option("--batch-size", default=16, show_default=True),
-        click.option("--epochs", default=3, show_default=True,
-                     help="Passes over the local data per round (split training, or the whole model on-device)."),
-        click.option("--local-loss-epochs", default=1, show_default=True,
-                     help="SFPrompt's phase-1 local-loss update, in passes over the local data."),
-        click.option("--keep", type=float, default=0.5, show_default=True, help="EL2N keep fraction, in (0, 1]."),
-        click.option("--wire", type=click.Choice(list(WIRE_DTYPES)), default="fp16", show_default=True,
-                     help="Smashed-activation dtype (traffic 'ours')."),
-        click.option("--traffic", type=click.Choice(list(TRAFFIC_VARIANTS)), default="ours", show_default=True,
-                     help="'paper': four fp32 activation-sized transfers per batch; 'ours': the exact savings."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def train_config(method: str, lr: float | None, **kw) -> TrainConfig:
-    return TrainConfig(lr=lr if lr is not None else get_method(method).default_lr, **kw)
+def recipe_of(method: str, **settings) -> Recipe:
+    """The method's own recipe with the settings given on the command line (sfp_common/cli.py)."""
+    return recipe_from_options(get_method(method).recipe, **settings)
 
 
 def format_row(row: dict) -> str:
@@ -63,17 +44,19 @@ HEADER = (f"{'round':>5}  {'accuracy':>8}  {'client_acc':>10}  {'MB_up':>10}  {'
 @click.option("--seed", default=0)
 @click.option("--train-samples", type=int, default=None, help="Use a seeded random subset of the training set.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--traffic", type=click.Choice(list(TRAFFIC_VARIANTS)), default="ours",
+              help="'paper': four fp32 activation-sized transfers per batch; 'ours': the exact savings.")
 @split_options
-@train_options
-def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fraction, seed, train_samples, report, prompts,
-             head_blocks, tail_blocks, lr, **train_kw) -> None:
+@recipe_options
+def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fraction, seed, train_samples, report, traffic,
+             prompts, head_blocks, tail_blocks, **train_kw) -> None:
     """Run one federated method with N simulated clients for R rounds and print a per-round table."""
     from simulation.engine import Federation, SimConfig
 
     def job() -> None:
         cfg = SimConfig(method=method, dataset=dataset, model=model, clients=clients, rounds=rounds, alpha=alpha,
                         seed=seed, fraction=fraction, spec=SplitSpec(prompts, head_blocks, tail_blocks),
-                        train=train_config(method, lr, **train_kw), pretrained=not random_init,
+                        recipe=recipe_of(method, **train_kw), traffic=traffic, pretrained=not random_init,
                         train_samples=train_samples)
         cfg.check()
         if model == DEFAULT_MODEL and not Path(model).exists():
@@ -100,9 +83,8 @@ def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fracti
               help="Methods to count [default: all].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @split_options
-@train_options
-def count_main(model, classes, samples, methods, json_out, prompts, head_blocks, tail_blocks, lr, traffic,
-               **train_kw) -> None:
+@recipe_options
+def count_main(model, classes, samples, methods, json_out, prompts, head_blocks, tail_blocks, **train_kw) -> None:
     """Count one client's round (FLOPs, bytes each way) for each method at any model scale, without training."""
     from simulation.counting import count_client_round
 
@@ -115,12 +97,13 @@ def count_main(model, classes, samples, methods, json_out, prompts, head_blocks,
         for name in methods or tuple(METHODS):
             variants = TRAFFIC_VARIANTS if get_method(name).split else ("ours",)
             for variant in variants:
-                meter = count_client_round(name, source, classes, spec,
-                                           train_config(name, lr, traffic=variant, **train_kw), samples)
+                meter = count_client_round(name, source, classes, spec, recipe_of(name, **train_kw), samples,
+                                           traffic=variant)
                 rows.append({"method": name, "traffic": variant if get_method(name).split else "-",
                              "client_flops": meter.flops, "bytes_up": meter.bytes_up, "bytes_down": meter.bytes_down})
         fl = next((r for r in rows if r["method"] == "fl"), None)
-        click.echo(f"{model}, {classes} classes, {samples} samples per client, keep {train_kw['keep']}, "
+        click.echo(f"{model}, {classes} classes, {samples} samples per client, keep "
+                   f"{recipe_of('sfprompt', **train_kw).keep}, "
                    f"P={prompts}, head_blocks={head_blocks}, tail_blocks={tail_blocks}")
         click.echo(f"{'method':<18} {'traffic':<7} {'client_GFLOPs':>14} {'MB_up':>10} {'MB_down':>10} "
                    f"{'FLOPs/FL':>9} {'bytes/FL':>9}")

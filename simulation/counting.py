@@ -10,12 +10,17 @@ import torch
 
 from export.backbone import ModelSource, create_vit
 from export.split import SplitSpec, SplitViT
+from sfp_common.pruning import SampleMemory
+from sfp_common.recipe import Recipe
 from simulation.accounting import ClientMeter
-from simulation.methods import ClientData, TrainConfig, client_round, get_method
+from simulation.methods import ClientData, client_round, get_method
 
 
 def count_client_round(method_name: str, source: ModelSource, num_classes: int, spec: SplitSpec,
-                       cfg: TrainConfig, num_samples: int, seed: int = 0) -> ClientMeter:
+                       recipe: Recipe, num_samples: int, seed: int = 0, memory: SampleMemory | None = None,
+                       traffic: str = "ours") -> ClientMeter:
+    """`memory`: which samples are scored and cached before the round; None: all of them (a round after the
+    first, what a client does from then on)."""
     method = get_method(method_name)
     if not method.uses_prompts:
         spec = SplitSpec(0, spec.head_blocks, spec.tail_blocks)
@@ -26,4 +31,6 @@ def count_client_round(method_name: str, source: ModelSource, num_classes: int, 
     x = torch.empty(num_samples, vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size, device="meta")
     y = torch.empty(num_samples, dtype=torch.long, device="meta")
     data = ClientData(x, y, x[:0], y[:0])
-    return client_round(model, method, cfg, data, np.random.default_rng(seed)).meter
+    if memory is None:
+        memory = SampleMemory.shaped_like(num_samples, 0, num_samples)
+    return client_round(model, method, recipe, data, np.random.default_rng(seed), memory, traffic).meter

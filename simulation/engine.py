@@ -22,11 +22,10 @@ from sfp_common.datasets import load_dataset
 from sfp_common.errors import ConfigError
 from sfp_common.partition import partition, split_local_test
 from sfp_common.preprocess import preprocess
-from sfp_common.pruning import check_keep_fraction
-from simulation.accounting import WIRE_DTYPES
+from sfp_common.pruning import SampleMemory
+from sfp_common.recipe import Recipe
 from simulation.counting import count_client_round
-from simulation.methods import (TRAFFIC_VARIANTS, ClientData, Method, TrainConfig, client_round, get_method,
-                                named_params)
+from simulation.methods import TRAFFIC_VARIANTS, ClientData, Method, client_round, get_method, named_params
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,14 @@ class SimConfig:
     fraction: float = 1.0                  # clients sampled per round
     test_fraction: float = 0.2             # each client's own local test split
     spec: SplitSpec = field(default_factory=SplitSpec)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    recipe: Recipe | None = None           # None: the method's own (simulation/methods.py)
+    traffic: str = "ours"                  # "paper": four fp32 activation-sized transfers per batch
     pretrained: bool = True                # False: random weights (tests, counting)
     train_samples: int | None = None       # a seeded random subset of the training set (quick runs)
+
+    def __post_init__(self) -> None:
+        if self.recipe is None:          # the method's own
+            object.__setattr__(self, "recipe", get_method(self.method).recipe)
 
     def check(self) -> None:
         if self.clients < 1 or self.rounds < 1:
@@ -52,15 +56,11 @@ class SimConfig:
             raise ConfigError(f"alpha must be > 0 (omit it for IID), got {self.alpha}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"client fraction must be in (0, 1], got {self.fraction}")
-        check_keep_fraction(self.train.keep)
-        if self.train.traffic not in TRAFFIC_VARIANTS:
-            raise ConfigError(f"unknown traffic variant {self.train.traffic!r}; choose ours or paper")
-        if self.train.wire not in WIRE_DTYPES:
-            raise ConfigError(f"unknown wire dtype {self.train.wire!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        if self.traffic not in TRAFFIC_VARIANTS:
+            raise ConfigError(f"unknown traffic variant {self.traffic!r}; choose ours or paper")
         if self.train_samples is not None and self.train_samples < 1:
             raise ConfigError(f"train_samples must be >= 1, got {self.train_samples}")
-        if self.train.batch_size < 1 or self.train.lr <= 0:
-            raise ConfigError("batch size must be >= 1 and the learning rate > 0")
+
 
 
 def state_of(params: dict[str, torch.nn.Parameter]) -> dict[str, np.ndarray]:
@@ -118,7 +118,7 @@ class Federation:
         self.y_test = torch.from_numpy(data.test.labels)
         shards = partition(train_set.labels, cfg.clients, cfg.alpha, self.rng)
         self.num_classes = len(data.classes)
-        self._flops: dict[int, int] = {}
+        self._flops: dict[tuple[int, int, int], int] = {}
         self.clients: list[ClientData] = []
         self.train_set = train_set                      # raw images, so a device can be given the same share
         self.client_indices: list[tuple[np.ndarray, np.ndarray]] = []   # per client: train, local test
@@ -126,14 +126,18 @@ class Federation:
             train, test = split_local_test(shard, cfg.test_fraction, self.rng)
             self.client_indices.append((train, test))
             self.clients.append(ClientData(x_train[train], y_train[train], x_train[test], y_train[test]))
+        self.memories = [SampleMemory.empty(c.num_train) for c in self.clients]
 
-    def client_flops(self, num_samples: int) -> int:
+    def client_flops(self, memory: SampleMemory) -> int:
         """A client's FLOPs for a round, counted by running its round on meta tensors (equal to a real round's
-        count, see tests/test_accounting.py) once per local sample count."""
-        if num_samples not in self._flops:
-            self._flops[num_samples] = count_client_round(
-                self.cfg.method, self.source, self.num_classes, self.model.spec, self.cfg.train, num_samples).flops
-        return self._flops[num_samples]
+        count, see tests/test_accounting.py), once per local sample count and number of samples scored and
+        cached before the round (what pruning and the cached-feature update depend on)."""
+        key = (len(memory), int(np.isnan(memory.scores).sum()), int(memory.has_features.sum()))
+        if key not in self._flops:
+            self._flops[key] = count_client_round(
+                self.cfg.method, self.source, self.num_classes, self.model.spec, self.cfg.recipe, key[0],
+                memory=SampleMemory.shaped_like(*key), traffic=self.cfg.traffic).flops
+        return self._flops[key]
 
     def sample_clients(self) -> list[int]:
         count = max(1, round(self.cfg.fraction * self.cfg.clients))
@@ -155,9 +159,10 @@ class Federation:
             load_state(self.client_params, global_client)
             load_state(self.server_params, global_server)
             rng = np.random.default_rng(client_seed(self.cfg.seed, round_index, client))
-            result = client_round(self.model, self.method, self.cfg.train, self.clients[client], rng,
-                                  count_flops=False)
-            result.meter.flops = self.client_flops(self.clients[client].num_train)
+            flops = self.client_flops(self.memories[client])
+            result = client_round(self.model, self.method, self.cfg.recipe, self.clients[client], rng,
+                                  self.memories[client], self.cfg.traffic, count_flops=False)
+            result.meter.flops = flops
             uploads.append({name: t.numpy() for name, t in result.upload.items()})
             server_states.append(state_of(self.server_params))
             counts.append(result.num_samples)
@@ -194,7 +199,7 @@ class Federation:
         return {
             "method": cfg.method, "model": self.model_label, "dataset": self.dataset_name,
             "clients": cfg.clients, "seed": cfg.seed, "alpha": cfg.alpha, "fraction": cfg.fraction,
-            "split": asdict(self.model.spec), "train": asdict(cfg.train),
+            "split": asdict(self.model.spec), "train": cfg.recipe.as_dict(), "traffic": cfg.traffic,
             "samples_per_client": [c.num_train for c in self.clients],
             "rounds": rows,
         }

@@ -7,7 +7,7 @@ be compared with this one number for number.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -17,34 +17,38 @@ import torch.nn.functional as F
 from export.split import SplitViT
 from sfp_common.batching import batch_order
 from sfp_common.errors import ConfigError
-from sfp_common.pruning import el2n_scores, keep_count, select_hardest
+from sfp_common.pruning import SampleMemory, choose_samples, el2n_scores
+from sfp_common.recipe import Recipe
 from simulation.accounting import ClientMeter
 
 TRAFFIC_VARIANTS = ("ours", "paper")
+WHOLE_MODEL = Recipe(lr=1e-3, prune="none", local_update="none")   # the baselines' own phases: none of SFPrompt's
 
 
 @dataclass(frozen=True)
 class Method:
-    """A federated method as data: who holds what, what trains, which SFPrompt phases run."""
+    """A federated method as data: who holds what, what trains, and its own recipe (sfp_common/recipe.py): the
+    learning rate and which SFPrompt phases run."""
 
     name: str
     uses_prompts: bool
     client_parts: tuple[str, ...]           # trained on the device, downloaded and uploaded every round
     server_parts: tuple[str, ...] = ()      # trained on the server (SplitFed's body), averaged there
     split: bool = True                      # False: the whole model runs on the device
-    prune: bool = False                     # EL2N pruning before split training
-    local_update: bool = False              # local-loss update (body skipped) before split training
-    default_lr: float = 1e-3
+    recipe: Recipe = field(default_factory=Recipe)
 
 
+PROMPTS_TAIL = ("prompts", "tail")
 METHODS = {m.name: m for m in (
-    Method("sfprompt", True, ("prompts", "tail"), prune=True, local_update=True, default_lr=3e-2),
-    Method("sfprompt-no-prune", True, ("prompts", "tail"), local_update=True, default_lr=3e-2),
-    Method("sfprompt-no-local", True, ("prompts", "tail"), prune=True, default_lr=3e-2),
-    Method("sfprompt-split-only", True, ("prompts", "tail"), default_lr=3e-2),     # neither phase-1 addition
-    Method("fl", False, ("head", "body", "tail"), split=False, default_lr=1e-3),
-    Method("fedprompt", True, ("prompts", "classifier"), split=False, default_lr=3e-2),
-    Method("sfl", False, ("head", "tail"), server_parts=("body",), default_lr=1e-3),
+    Method("sfprompt", True, PROMPTS_TAIL),
+    Method("sfprompt-split-only", True, PROMPTS_TAIL, recipe=Recipe(prune="none", local_update="none")),
+    # The paper's phase 1 as this project first read it: EL2N and the local-loss update on the body-skipped path.
+    Method("sfprompt-paper-phase1", True, PROMPTS_TAIL, recipe=Recipe(prune="local-el2n", local_update="local-path")),
+    Method("sfprompt-no-prune", True, PROMPTS_TAIL, recipe=Recipe(prune="none")),
+    Method("sfprompt-no-local", True, PROMPTS_TAIL, recipe=Recipe(local_update="none")),
+    Method("fl", False, ("head", "body", "tail"), split=False, recipe=WHOLE_MODEL),
+    Method("fedprompt", True, ("prompts", "classifier"), split=False, recipe=WHOLE_MODEL.but(lr=3e-2)),
+    Method("sfl", False, ("head", "tail"), server_parts=("body",), recipe=WHOLE_MODEL),
 )}
 
 
@@ -52,20 +56,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    lr: float
-    optimizer: str = "adamw"        # or "sgd" (with momentum)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    epochs: int = 3                 # passes over the data per round: split training, or the whole model on-device
-    local_loss_epochs: int = 1      # SFPrompt's phase-1 local-loss update
-    keep: float = 0.5               # EL2N keep fraction
-    wire: str = "fp16"              # smashed activations in the "ours" traffic variant
-    traffic: str = "ours"           # "paper": four fp32 activation-sized transfers per batch
 
 
 @dataclass(frozen=True)
@@ -89,12 +79,12 @@ class ClientResult:
     loss_sum: torch.Tensor              # summed training loss of the last phase (a tensor: meta-safe)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    """torch.optim's own optimizer for the recipe's OptimizerSpec, the one the device's graphs reproduce."""
+    spec = recipe.optimizer
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
@@ -106,18 +96,25 @@ def named_params(model: SplitViT, parts: tuple[str, ...]) -> dict[str, torch.nn.
     return {name: params[name] for name in model.trainable_names(parts)}
 
 
-def _sends_prompt_gradient_only(model: SplitViT, method: Method, cfg: TrainConfig) -> bool:
+def _sends_prompt_gradient_only(model: SplitViT, method: Method, traffic: str) -> bool:
     """With no head blocks and only prompts trained in the head, dL/dp summed over the batch is all the head needs."""
-    return (cfg.traffic == "ours" and model.spec.head_blocks == 0 and method.uses_prompts
+    return (traffic == "ours" and model.spec.head_blocks == 0 and method.uses_prompts
             and "head" not in method.client_parts)
 
 
-def split_step(model: SplitViT, method: Method, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+@dataclass
+class SplitBatch:
+    loss_sum: torch.Tensor      # summed loss of the batch
+    logits: torch.Tensor        # the tail's logits before the step (they score the batch's samples for free)
+    features: torch.Tensor      # the body features as the client received them
+
+
+def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                meter: ClientMeter, client_opt: torch.optim.Optimizer,
-               server_opt: torch.optim.Optimizer | None) -> torch.Tensor:
+               server_opt: torch.optim.Optimizer | None, traffic: str = "ours") -> SplitBatch:
     """One batch of split training: head on the client, body on the server, tail on the client, and back."""
-    ours = cfg.traffic == "ours"
-    act_wire = cfg.wire if ours else "fp32"
+    ours = traffic == "ours"
+    act_wire = recipe.wire if ours else "fp32"
     with meter.client_compute():
         client_opt.zero_grad()
         smashed = model.head(x)
@@ -126,7 +123,8 @@ def split_step(model: SplitViT, method: Method, cfg: TrainConfig, x: torch.Tenso
     needed = body_out[:, model.tail.pooled_positions(body_out.shape[1])] if ours else body_out
     features = meter.down(needed, act_wire).requires_grad_(True)                  # client
     with meter.client_compute():
-        loss = F.cross_entropy(model.tail(features), y)
+        logits = model.tail(features)
+        loss = F.cross_entropy(logits, y)
         loss.backward()
     upstream = meter.up(features.grad, "fp32")                                    # server
     if server_opt is not None:
@@ -134,7 +132,7 @@ def split_step(model: SplitViT, method: Method, cfg: TrainConfig, x: torch.Tenso
     needed.backward(upstream)
     if server_opt is not None:
         server_opt.step()
-    if _sends_prompt_gradient_only(model, method, cfg):
+    if _sends_prompt_gradient_only(model, method, traffic):
         first = model.head.num_prefix_tokens
         prompt_grad = tokens.grad[:, first:first + model.spec.prompts].sum(dim=0)
         received = meter.down(prompt_grad, "fp32")                                # client
@@ -146,12 +144,13 @@ def split_step(model: SplitViT, method: Method, cfg: TrainConfig, x: torch.Tenso
         with meter.client_compute():
             smashed.backward(received)
             client_opt.step()
-    return loss.detach() * len(y)
+    return SplitBatch(loss.detach() * len(y), logits.detach(), features.detach())
 
 
 def local_step(model: SplitViT, x: torch.Tensor, y: torch.Tensor, meter: ClientMeter,
                opt: torch.optim.Optimizer, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """One batch trained entirely on the device: SFPrompt's local-loss path, or FL's/FedPrompt's whole model."""
+    """One batch trained entirely on the device: the paper's local-loss path, the tail on cached features, or
+    FL's/FedPrompt's whole model."""
     with meter.client_compute():
         opt.zero_grad()
         loss = F.cross_entropy(forward(x), y)
@@ -160,45 +159,71 @@ def local_step(model: SplitViT, x: torch.Tensor, y: torch.Tensor, meter: ClientM
     return loss.detach() * len(y)
 
 
-def el2n_keep(model: SplitViT, data: ClientData, cfg: TrainConfig, meter: ClientMeter) -> torch.Tensor:
-    """Phase 1a: score every local sample through the local path; keep the hardest `keep` fraction."""
+def local_path_scores(model: SplitViT, data: ClientData, recipe: Recipe, meter: ClientMeter) -> np.ndarray | None:
+    """EL2N of every local sample through the body-skipped local path (the paper's reading); None on meta."""
     with meter.client_compute(), torch.no_grad():
-        logits = torch.cat([model.forward_local(data.x_train[i:i + cfg.batch_size])
-                            for i in range(0, data.num_train, cfg.batch_size)])
-    if logits.is_meta:  # counting only: which samples are kept does not change what is counted
-        return torch.arange(keep_count(data.num_train, cfg.keep))
-    kept = select_hardest(el2n_scores(logits.numpy(), data.y_train.numpy()), cfg.keep)
-    return torch.from_numpy(kept.astype(np.int64))
+        logits = torch.cat([model.forward_local(data.x_train[i:i + recipe.batch_size])
+                            for i in range(0, data.num_train, recipe.batch_size)])
+    return None if logits.is_meta else el2n_scores(logits.numpy(), data.y_train.numpy())
 
 
-def client_round(model: SplitViT, method: Method, cfg: TrainConfig, data: ClientData,
-                 rng: np.random.Generator, count_flops: bool = True) -> ClientResult:
-    """One client's whole round. `model` holds the global state; its trainable tensors cross the wire both ways."""
+def feature_shape(model: SplitViT, traffic: str) -> tuple[int, int]:
+    """[T, D] of the body features one sample's tail reads: the pooled positions only in our traffic."""
+    tokens = model.head.num_prefix_tokens + model.spec.prompts + model.head.embedding.patch_embed.num_patches
+    positions = model.tail.pooled_positions(tokens) if traffic == "ours" else slice(0, tokens)
+    return len(range(tokens)[positions]), model.head.prompts.shape[1]
+
+
+def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientData, rng: np.random.Generator,
+                 memory: SampleMemory | None = None, traffic: str = "ours", count_flops: bool = True) -> ClientResult:
+    """One client's whole round. `model` holds the global state; its trainable tensors cross the wire both ways.
+    `memory` is the client's own record of its samples (sfp_common/pruning.py), updated in place; on meta tensors
+    (counting) it only says which samples are scored and cached."""
     meter = ClientMeter(count_flops=count_flops)
+    memory = memory if memory is not None else SampleMemory.empty(data.num_train)
     client_params = named_params(model, method.client_parts)
     with torch.no_grad():
         for param in client_params.values():
             param.copy_(meter.down(param))
-    client_opt = make_optimizer(list(client_params.values()), cfg)
+    client_opt = make_optimizer(list(client_params.values()), recipe)
     server_params = list(named_params(model, method.server_parts).values())
-    server_opt = make_optimizer(server_params, cfg) if server_params else None
+    server_opt = make_optimizer(server_params, recipe) if server_params else None
 
-    kept = torch.arange(data.num_train)
+    n, bs = data.num_train, recipe.batch_size
+    kept = np.arange(n)
     loss_sum = torch.zeros(())
     if not method.split:
-        for _ in range(cfg.epochs):
+        for _ in range(recipe.epochs):
             loss_sum = sum(local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model)
-                           for i in batches(data.num_train, cfg.batch_size, rng))
-    else:
-        if method.prune:
-            kept = el2n_keep(model, data, cfg, meter)
-        if method.local_update:
-            for _ in range(cfg.local_loss_epochs):
-                for i in batches(data.num_train, cfg.batch_size, rng):
-                    local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model.forward_local)
-        for _ in range(cfg.epochs):
-            loss_sum = sum(split_step(model, method, cfg, data.x_train[kept[i]], data.y_train[kept[i]], meter,
-                                      client_opt, server_opt)
-                           for i in batches(len(kept), cfg.batch_size, rng))
+                           for i in batches(n, bs, rng))
+        upload = {name: meter.up(param) for name, param in client_params.items()}
+        return ClientResult(meter, upload, n, n, loss_sum)
+
+    kept = choose_samples(recipe, memory, rng, lambda: local_path_scores(model, data, recipe, meter))
+    if recipe.local_update == "local-path":
+        for _ in range(recipe.local_epochs):
+            for i in batches(n, bs, rng):
+                local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model.forward_local)
+    counting = data.x_train.is_meta
+    for _ in range(recipe.epochs):
+        loss_sum = torch.zeros(())
+        for i in batch_order(len(kept), bs, rng):
+            idx = torch.from_numpy(kept[i])
+            step = split_step(model, method, recipe, data.x_train[idx], data.y_train[idx], meter, client_opt,
+                              server_opt, traffic)
+            loss_sum = loss_sum + step.loss_sum
+            if not counting:
+                memory.record(kept[i], step.logits.numpy(), data.y_train[idx].numpy(), step.features.numpy(),
+                              recipe.wire)
+            else:
+                memory.has_features[kept[i]] = True
+    if recipe.local_update == "cached-features":
+        cached = memory.cached()
+        features = (torch.empty(len(cached), *feature_shape(model, traffic), device="meta") if counting
+                    else torch.from_numpy(memory.features[cached].astype(np.float32)))
+        labels = data.y_train[torch.from_numpy(cached)]
+        for _ in range(recipe.local_epochs):
+            for i in batches(len(cached), bs, rng):
+                local_step(model, features[i], labels[i], meter, client_opt, model.tail)
     upload = {name: meter.up(param) for name, param in client_params.items()}
-    return ClientResult(meter, upload, data.num_train, len(kept), loss_sum)
+    return ClientResult(meter, upload, n, len(kept), loss_sum)

@@ -23,6 +23,8 @@ ARCHITECTURE = "vit_tiny_patch16_224"
 # 28x28 grayscale, 16 patches of 7x7, width 128, 6 blocks: about a minute an epoch on a 2-core CPU.
 SMALL_VIT_KWARGS = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 128, "depth": 6, "num_heads": 4}
 # Fashion-MNIST's pixel mean and std, so the checkpoint carries its own normalisation.
+# The thread count the shipped checkpoint (models/vit-fmnist.pth) was pretrained at.
+PRETRAIN_THREADS = 2
 FASHION_MNIST_CFG = {"input_size": [1, 28, 28], "mean": [0.2860], "std": [0.3530], "interpolation": "bilinear",
                      "num_classes": 10}
 
@@ -37,8 +39,11 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None = None) -> float:
-    """Train, save, and return the test accuracy."""
+def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None = None,
+             threads: int = PRETRAIN_THREADS) -> float:
+    """Train, save, and return the test accuracy. Bit-reproducible only at the same thread count (reductions
+    split differently), so the count is set here and recorded in the sidecar."""
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     data = load_dataset("fashion-mnist")
     prep = Preprocessing.from_timm_config(FASHION_MNIST_CFG)
@@ -70,7 +75,10 @@ def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limi
         test_accuracy = accuracy(model, x_test, y_test)
         click.echo(f"epoch {epoch + 1}/{epochs}  loss {total / len(x):.4f}  test accuracy {test_accuracy:.4f}  "
                    f"({time.time() - start:.0f} s)", err=True)
-    save_checkpoint(model, out, ARCHITECTURE, SMALL_VIT_KWARGS, FASHION_MNIST_CFG)
+    save_checkpoint(model, out, ARCHITECTURE, SMALL_VIT_KWARGS, FASHION_MNIST_CFG, provenance={
+        "recipe": "sfp-pretrain", "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "limit": limit, "threads": threads, "torch": torch.__version__,
+        "fashion_mnist_test_accuracy": round(test_accuracy, 4)})
     return test_accuracy
 
 
@@ -82,7 +90,10 @@ def pretrain(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limi
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Train on the first N images only (smoke runs).")
-def main(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None) -> None:
+@click.option("--threads", default=PRETRAIN_THREADS, show_default=True,
+              help="Torch threads; the result is reproducible bit for bit only at the same count.")
+def main(out: Path, epochs: int, batch_size: int, lr: float, seed: int, limit: int | None, threads: int) -> None:
     """Pretrain the in-house small ViT on Fashion-MNIST."""
     from sfp_common.cli import run_cli
-    run_cli(lambda: click.echo(f"saved {out} (test accuracy {pretrain(out, epochs, batch_size, lr, seed, limit):.4f})"))
+    run_cli(lambda: click.echo(
+        f"saved {out} (test accuracy {pretrain(out, epochs, batch_size, lr, seed, limit, threads):.4f})"))

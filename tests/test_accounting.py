@@ -11,7 +11,8 @@ from export.split import SplitSpec, SplitViT
 from sfp_common.errors import ConfigError
 from simulation.accounting import ClientMeter, decode, encode, wire_bytes
 from simulation.counting import count_client_round
-from simulation.methods import METHODS, ClientData, TrainConfig, client_round
+from sfp_common.pruning import SampleMemory
+from simulation.methods import METHODS, ClientData, client_round
 
 
 @pytest.mark.parametrize("wire,itemsize", [("fp32", 4), ("fp16", 2), ("bf16", 2)])
@@ -66,32 +67,46 @@ def test_flops_of_a_matmul_forward_and_backward():
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("traffic", ["ours", "paper"])
 def test_counting_on_meta_equals_a_real_round(name, traffic):
-    """The no-training count (meta tensors) is exactly what a real round measures."""
+    """The no-training count (meta tensors) is exactly what a real round measures: the first round (nothing
+    scored or cached yet) and the next one (everything scored and cached)."""
     spec = SplitSpec(2, 1, 0)
-    cfg = TrainConfig(lr=1e-2, batch_size=4, traffic=traffic)
-    n = 11
-    counted = count_client_round(name, ModelSource("vit_tiny_patch16_224", TINY), 5, spec, cfg, n)
     method = METHODS[name]
+    recipe = method.recipe.but(lr=1e-2, batch_size=4)
+    n = 11
+    source = ModelSource("vit_tiny_patch16_224", TINY)
     vit = tiny_vit(num_classes=5)
     model = SplitViT(vit, spec if method.uses_prompts else SplitSpec(0, 1, 0))
     model.set_trainable(method.client_parts + method.server_parts)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
-    real = client_round(model, method, cfg, ClientData(x, y, x[:0], y[:0]), np.random.default_rng(0)).meter
-    assert (counted.flops, counted.bytes_up, counted.bytes_down) == (real.flops, real.bytes_up, real.bytes_down)
+    memory = SampleMemory.empty(n)
+    for before in ((n, n, 0), (n, 0, n)):         # (samples, unscored, cached) before the round
+        counted = count_client_round(name, source, 5, spec, recipe, n, memory=SampleMemory.shaped_like(*before),
+                                     traffic=traffic)
+        real = client_round(model, method, recipe, ClientData(x, y, x[:0], y[:0]), np.random.default_rng(0), memory,
+                            traffic).meter
+        assert (counted.flops, counted.bytes_up, counted.bytes_down) == (real.flops, real.bytes_up, real.bytes_down)
 
 
-def test_sfprompt_client_flops_are_the_patch_embedding_and_classifier():
-    """k = m = 0: the client runs the patch embedding (per sample: EL2N, local update, split) and the classifier."""
+@pytest.mark.parametrize("name", ["sfprompt", "sfprompt-paper-phase1"])
+def test_sfprompt_client_flops_are_the_patch_embedding_and_classifier(name):
+    """k = m = 0: the client runs the patch embedding (per sample: EL2N, local update, split) and the classifier,
+    in a round after the first (the default recipe scores from the split logits and caches features)."""
     n, keep, batch = 10, 0.5, 4
     src = ModelSource("vit_tiny_patch16_224", TINY)
-    counted = count_client_round("sfprompt", src, 5, SplitSpec(2), TrainConfig(lr=1e-2, batch_size=batch, keep=keep, epochs=1), n)
+    recipe = METHODS[name].recipe.but(lr=1e-2, batch_size=batch, keep=keep, epochs=1)
+    counted = count_client_round(name, src, 5, SplitSpec(2), recipe, n)
     patches, d, patch_in = 16, 32, 3 * 4 * 4
     embed = 2 * patches * patch_in * d                 # conv as a matmul, per sample, forward only
     head_fwd = 2 * d * 5                               # classifier, per sample
     kept = math.ceil(keep * n)
-    expected = (n * (embed + head_fwd)                 # EL2N scoring
-                + n * (embed + 3 * head_fwd)           # local update: forward, weight grad, input grad
-                + kept * (embed + 3 * head_fwd))       # split: head forward; tail forward, weight grad, and
+    split = kept * (embed + 3 * head_fwd)              # split: head forward; tail forward, weight grad, and
                                                        # the input grad the client sends up to the server
+    if name == "sfprompt":
+        expected = split + n * 3 * head_fwd            # the tail on cached features: forward, weight grad, and
+                                                       # the grad into the final norm (it trains too)
+    else:
+        expected = (n * (embed + head_fwd)             # EL2N scoring on the local path
+                    + n * (embed + 3 * head_fwd)       # local update: forward, weight grad, input grad
+                    + split)
     assert counted.flops == expected

@@ -8,13 +8,15 @@ from export.split import SplitSpec
 from sfp_common.errors import ConfigError
 from simulation.central import adaptation_of, train_central
 from simulation.engine import Federation, SimConfig, state_of
-from simulation.methods import TrainConfig
+from simulation.methods import METHODS
 
 
 def config(checkpoint, **kw) -> SimConfig:
     base = dict(method="fl", dataset="digits", model=checkpoint, clients=1, rounds=1, alpha=None, seed=3,
-                spec=SplitSpec(2), train=TrainConfig(lr=1e-3, batch_size=16, epochs=2), train_samples=200)
-    return SimConfig(**{**base, **kw})
+                spec=SplitSpec(2), train_samples=200)
+    base = {**base, **kw}
+    base.setdefault("recipe", METHODS[base["method"]].recipe.but(lr=1e-3, batch_size=16, epochs=2))
+    return SimConfig(**base)
 
 
 def test_one_client_one_round_ceiling_is_that_federation(digits_checkpoint):
@@ -34,7 +36,7 @@ def test_one_client_one_round_ceiling_is_that_federation(digits_checkpoint):
 
 def test_ceiling_trains_only_the_adaptation_on_all_clients_data(digits_checkpoint):
     cfg = config(digits_checkpoint, method="sfprompt", clients=3, rounds=2, alpha=0.5,
-                 train=TrainConfig(lr=3e-2, batch_size=16, epochs=1))
+                 recipe=METHODS["sfprompt"].recipe.but(lr=3e-2, batch_size=16, epochs=1))
     pooled = Federation(cfg)
     frozen = {n: p.detach().clone() for n, p in pooled.model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in pooled.client_params.items()}
@@ -52,7 +54,7 @@ def test_ceiling_trains_only_the_adaptation_on_all_clients_data(digits_checkpoin
 
 def test_methods_that_train_the_same_tensors_share_a_ceiling():
     assert {adaptation_of(m) for m in ("sfprompt", "sfprompt-no-prune", "sfprompt-no-local",
-                                     "sfprompt-split-only")} == {"prompts-tail"}
+                                     "sfprompt-split-only", "sfprompt-paper-phase1")} == {"prompts-tail"}
     assert adaptation_of("fl") == adaptation_of("sfl") == "full"
     assert adaptation_of("fedprompt") == "classifier-prompts"
 

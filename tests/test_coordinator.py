@@ -12,6 +12,7 @@ from cloud_server.coordinator import Coordinator, FederationConfig
 from edge_client.profiles import load_profile
 from export.split import SplitSpec
 from wire_protocol.envelope import Message
+from wire_protocol.contracts import RoundPlan
 from wire_protocol.link import Link, wait_for
 from wire_protocol.topics import Topics
 
@@ -110,7 +111,9 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     done = {}
     threading.Thread(target=lambda: done.update(server.run_round(1)), daemon=True).start()
     plan = rounds.get(timeout=10)
-    assert plan.meta["train"] and plan.meta["plan"]["batch_size"] == load_profile("x86").batch_size
+    sent = RoundPlan.from_dict(plan.meta["plan"])        # the federation's recipe, with the device's batch and wire
+    assert plan.meta["train"] and sent.recipe == server.cfg.recipe.but(batch_size=load_profile("x86").batch_size,
+                                                                       wire=load_profile("x86").wire)
     attempt = plan.seq                      # the devices echo it: answers to other attempts never count
     other = {k: v - 9.0 for k, v in good.items()}
     link.send(topics.up("dev", "update"), Message("update", "dev", 7, attempt, {"num_samples": 5}, good))  # stale

@@ -15,8 +15,9 @@ from sfp_common.bundle import OptimizerSpec
 from simulation.accounting import decode, encode
 from sfp_common.batching import client_seed
 from simulation.engine import Federation, SimConfig, state_of
+from sfp_common.pruning import SampleMemory
+from simulation.methods import METHODS
 from wire_protocol.contracts import RoundPlan
-from simulation.methods import TrainConfig
 
 
 class TorchBody:
@@ -39,32 +40,35 @@ class TorchBody:
         return self.tokens.grad.numpy()
 
 
-@pytest.mark.parametrize("cut,optimizer", [((0, 0), "adamw"), ((1, 1), "sgd")])
-def test_device_rounds_reproduce_the_reference_federation(digits_checkpoint, tmp_path, cut, optimizer):
-    train = TrainConfig(lr=3e-3 if optimizer == "adamw" else 3e-2, optimizer=optimizer, batch_size=16, epochs=1,
-                        weight_decay=0.01, wire="fp16")
-    cfg = SimConfig(method="sfprompt", dataset="digits", model=digits_checkpoint, clients=3, rounds=2, alpha=0.5,
-                    seed=7, spec=SplitSpec(2, *cut), train=train, train_samples=300)
+@pytest.mark.parametrize("cut,optimizer,method", [((0, 0), "adamw", "sfprompt"), ((1, 1), "sgd", "sfprompt"),
+                                                  ((0, 0), "sgd", "sfprompt-paper-phase1")])
+def test_device_rounds_reproduce_the_reference_federation(digits_checkpoint, tmp_path, cut, optimizer, method):
+    """Three rounds: the default recipe prunes by the scores the first round recorded and trains the tail on the
+    features it cached; the paper's phase 1 runs the body-skipped local path."""
+    train = METHODS[method].recipe.but(lr=3e-3 if optimizer == "adamw" else 3e-2, batch_size=16, epochs=1,
+                                       optimizer=OptimizerSpec(optimizer, weight_decay=0.01), wire="fp16")
+    cfg = SimConfig(method=method, dataset="digits", model=digits_checkpoint, clients=3, rounds=3, alpha=0.5,
+                    seed=7, spec=SplitSpec(2, *cut), recipe=train, train_samples=300)
     fed = Federation(cfg)
     device_side = copy.deepcopy(fed.model)
-    export_bundle(device_side, fed.preprocessing, tmp_path / "bundle", "digits",
-                  OptimizerSpec(optimizer, weight_decay=train.weight_decay, momentum=train.momentum))
+    export_bundle(device_side, fed.preprocessing, tmp_path / "bundle", "digits", train.optimizer)
     runtime = open_runtime(tmp_path / "bundle")
     server = TorchBody(device_side, train.wire)
     global_state = state_of(fed.client_params)
+    memories = [SampleMemory.empty(c.num_train) for c in fed.clients]
     for r in range(1, cfg.rounds + 1):
         reference = fed.run_round(r)
         uploads, counts, kept = [], [], []
         for c in reference["participants"]:
             runtime.load_trainables(global_state)
             data = fed.clients[c]
-            plan = RoundPlan(lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
-                             local_loss_epochs=train.local_loss_epochs, keep=train.keep,
-                             seed=client_seed(cfg.seed, r, c))
-            result = run_round(runtime, data.x_train.numpy(), data.y_train.numpy(), plan, server)
+            plan = RoundPlan(train, client_seed(cfg.seed, r, c))
+            result = run_round(runtime, data.x_train.numpy(), data.y_train.numpy(), plan, server, memories[c])
             uploads.append(result.upload)
             counts.append(result.num_samples)
             kept.append(result.kept)
+            np.testing.assert_array_equal(memories[c].has_features, fed.memories[c].has_features)
+            np.testing.assert_allclose(memories[c].scores, fed.memories[c].scores, rtol=1e-4, atol=1e-6)
         assert np.mean(kept) == reference["kept_samples"]
         global_state = fedavg(uploads, counts)
         expected = state_of(fed.client_params)

@@ -7,14 +7,16 @@ import torch
 
 from export.split import SplitSpec
 from simulation.engine import Federation, SimConfig, state_of
-from simulation.methods import METHODS, TrainConfig, client_round
+from simulation.methods import METHODS, client_round
 from sfp_common.aggregate import fedavg
 
 
 def config(checkpoint, **kw) -> SimConfig:
     base = dict(method="sfprompt", dataset="digits", model=checkpoint, clients=3, rounds=2, alpha=0.5, seed=7,
-                spec=SplitSpec(2), train=TrainConfig(lr=3e-3, batch_size=16, epochs=1), train_samples=400)
-    return SimConfig(**{**base, **kw})
+                spec=SplitSpec(2), train_samples=400)
+    base = {**base, **kw}
+    base.setdefault("recipe", METHODS[base["method"]].recipe.but(lr=3e-3, batch_size=16, epochs=1))
+    return SimConfig(**base)
 
 
 def without_timing(report: dict) -> dict:
@@ -54,7 +56,7 @@ def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
     for c in range(3):
         load_state(replay.client_params, start)
         gen = np.random.default_rng(client_seed(7, 1, c))
-        client_round(replay.model, replay.method, replay.cfg.train, replay.clients[c], gen)
+        client_round(replay.model, replay.method, replay.cfg.recipe, replay.clients[c], gen)
         uploads.append({k: p.detach().numpy().copy() for k, p in replay.client_params.items()})
         counts.append(replay.clients[c].num_train)
     expected = fedavg(uploads, counts)
@@ -66,20 +68,23 @@ def test_round_is_fedavg_of_the_clients_uploads(digits_checkpoint):
 
 
 def test_reported_bytes_are_the_shapes_that_crossed(digits_checkpoint):
-    """SFPrompt, ours: prompts + tail both ways, fp16 tokens and fp32 cls gradient up, fp16 cls and dL/dp down."""
+    """SFPrompt, ours: prompts + tail both ways, fp16 tokens and fp32 cls gradient up, fp16 cls and dL/dp down;
+    every sample in round 1 (none is scored yet), the kept half in round 2."""
     fed = Federation(config(digits_checkpoint, clients=2, alpha=None))
-    row = fed.run_round(1)
     P, D, N = 2, 32, 1 + 2 + 4
     param_bytes = sum(p.numel() * 4 for p in fed.client_params.values())
-    ups, downs = [], []
-    for c in fed.clients:
-        kept = math.ceil(0.5 * c.num_train)
-        n_batches = math.ceil(kept / 16)
-        ups.append(param_bytes + kept * (N * D * 2 + D * 4))
-        downs.append(param_bytes + kept * D * 2 + n_batches * P * D * 4)
-    assert row["bytes_up"] == np.mean(ups)
-    assert row["bytes_down"] == np.mean(downs)
-    assert row["kept_samples"] == np.mean([math.ceil(0.5 * c.num_train) for c in fed.clients])
+    for round_index, keep in ((1, 1.0), (2, 0.5)):
+        row = fed.run_round(round_index)
+        ups, downs, kept_counts = [], [], []
+        for c in fed.clients:
+            kept = math.ceil(keep * c.num_train)
+            n_batches = math.ceil(kept / 16)
+            ups.append(param_bytes + kept * (N * D * 2 + D * 4))
+            downs.append(param_bytes + kept * D * 2 + n_batches * P * D * 4)
+            kept_counts.append(kept)
+        assert row["bytes_up"] == np.mean(ups)
+        assert row["bytes_down"] == np.mean(downs)
+        assert row["kept_samples"] == np.mean(kept_counts)
 
 
 def test_client_sampling_picks_the_fraction(digits_checkpoint):
@@ -96,7 +101,7 @@ def test_every_method_learns_digits(digits_checkpoint, name):
     Prompt tuning on a random backbone is weak by nature, so its bar is 2x chance; fine-tuning gets a higher one."""
     lr = 3e-3 if name in ("fl", "sfl") else 1e-2
     cfg = config(digits_checkpoint, method=name, clients=2, alpha=None, rounds=4, train_samples=None,
-                 train=TrainConfig(lr=lr, batch_size=16, epochs=2))
+                 recipe=METHODS[name].recipe.but(lr=lr, batch_size=16, epochs=2))
     accuracy = [r["accuracy"] for r in Federation(cfg).run()["rounds"]]
     assert accuracy[-1] > (0.6 if name in ("fl", "sfl") else 0.2), accuracy
 
@@ -114,8 +119,8 @@ def test_splitfed_with_exact_traffic_is_federated_full_fine_tuning(digits_checkp
     full activations, the two federations must agree tensor for tensor."""
     runs = {}
     for name in ("fl", "sfl"):
-        fed = Federation(config(digits_checkpoint, method=name, rounds=2,
-                                train=TrainConfig(lr=1e-3, batch_size=16, epochs=1, traffic="paper", wire="fp32")))
+        fed = Federation(config(digits_checkpoint, method=name, rounds=2, traffic="paper",
+                                recipe=METHODS[name].recipe.but(lr=1e-3, batch_size=16, epochs=1, wire="fp32")))
         report = fed.run()
         runs[name] = ({**state_of(fed.client_params), **state_of(fed.server_params)},
                       [r["accuracy"] for r in report["rounds"]])

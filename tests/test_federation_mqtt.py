@@ -25,13 +25,15 @@ from export.backbone import save_checkpoint
 from export.split import SplitSpec
 from sfp_common.datasets import write_device_folder
 from simulation.engine import Federation, SimConfig, state_of
-from simulation.methods import TrainConfig
+from sfp_common.bundle import OptimizerSpec
+from sfp_common.recipe import Recipe
 from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
 from wire_protocol.topics import Topics
 
 DEVICES = 3
 ROUNDS = 2
-TRAIN = TrainConfig(lr=3e-3, optimizer="adamw", batch_size=16, epochs=1, weight_decay=0.01, wire="fp16")
+# SFPrompt's recipe, with what the server is told below: a smaller learning rate, one split pass, weight decay.
+TRAIN = Recipe(lr=3e-3, optimizer=OptimizerSpec("adamw", weight_decay=0.01), batch_size=16, epochs=1, wire="fp16")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def setup(tmp_path_factory):
                 "num_classes": 10}
     checkpoint = str(save_checkpoint(vit, root / "tiny.pth", "vit_tiny_patch16_224", kwargs, cfg_dict))
     cfg = SimConfig(method="sfprompt", dataset="digits", model=checkpoint, clients=DEVICES, rounds=ROUNDS,
-                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), train=TRAIN, train_samples=300)
+                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), recipe=TRAIN, train_samples=300)
     fed = Federation(cfg)
     initial = state_of(fed.client_params)
     reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
@@ -113,7 +115,7 @@ class Run:
                  "--federation", name, "--broker", broker]
         self.server_args = [*cli, "serve", *model, *reload, "--state", str(state),
                             "--rounds", str(rounds), "--optimizer", "adamw", "--lr", str(TRAIN.lr),
-                            "--weight-decay", str(TRAIN.weight_decay), "--epochs", "1",
+                            "--weight-decay", str(TRAIN.optimizer.weight_decay), "--epochs", "1",
                             "--keep", str(TRAIN.keep), "--min-devices", str(DEVICES),
                             "--deadline", "60", "--max-packet", "16384",
                             "--backends", ",".join(sorted(set(backends())))]

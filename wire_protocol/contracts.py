@@ -4,9 +4,11 @@ Both sides import them from here."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from sfp_common.bundle import BACKENDS
 from sfp_common.errors import ConfigError
+from sfp_common.recipe import Recipe
 from wire_protocol.codec import FLOAT_WIRES
 
 
@@ -40,16 +42,23 @@ class Profile:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What the server asks of a device for one round."""
+    """What the server asks of a device for one round: the federation's recipe (sfp_common/recipe.py) with the
+    device's own batch size and wire precision, and the batch order's seed, chosen per device and round."""
 
-    lr: float
-    batch_size: int = 16
-    epochs: int = 3                 # passes of split training over the kept samples
-    local_loss_epochs: int = 1      # passes of the local-loss update over all local samples
-    keep: float = 0.5               # EL2N keep fraction
-    prune: bool = True
-    local_update: bool = True
-    seed: int = 0                   # the batch order's seed, chosen by the server per device and round
+    recipe: Recipe
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {"recipe": self.recipe.as_dict(), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, values: Any) -> RoundPlan:
+        if not isinstance(values, dict) or set(values) != {"recipe", "seed"}:
+            raise ConfigError(f"a round plan is {{recipe, seed}}, got {values!r:.200}")
+        seed = values["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ConfigError(f"a round plan's seed must be an integer in [0, 2^64), got {seed!r:.50}")
+        return cls(Recipe.from_dict(values["recipe"]), seed)
 
 
 def enroll_account(device: str) -> str:

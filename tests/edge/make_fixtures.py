@@ -1,9 +1,9 @@
 """Bundles and PyTorch reference steps for the device tests, made where torch is, checked where it is not.
 
 For each (head_blocks, tail_blocks) in {0/0, 1/1} and optimizer in {SGD with momentum, AdamW}, this exports a
-tiny bundle per backend (the same model) and records, at batch sizes 1, 3 and 8, one local-loss step and one
-split-training step taken by the reference federation's own code (`simulation.methods.local_step` / `split_step`), starting from non-zero
-optimizer state. Every tensor that crossed the simulated wire is recorded too, so the device test can play the
+tiny bundle per backend (the same model) and records, at batch sizes 1, 3 and 8, one local-loss step, one
+split-training step and one tail-only step (the cached-feature local update) taken by the reference federation's
+own code (`simulation.methods.local_step` / `split_step`), starting from non-zero optimizer state. Every tensor that crossed the simulated wire is recorded too, so the device test can play the
 server's part without torch.
 
     python tests/edge/make_fixtures.py OUT_DIR
@@ -30,11 +30,14 @@ from export.split import SplitSpec, SplitViT  # noqa: E402
 from sfp_common.bundle import OptimizerSpec, state_key  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402
 from simulation.accounting import ClientMeter  # noqa: E402
-from simulation.methods import METHODS, TrainConfig, local_step, make_optimizer, named_params, split_step  # noqa: E402
+from sfp_common.recipe import Recipe  # noqa: E402
+from simulation.methods import (METHODS, feature_shape, local_step, make_optimizer, named_params,  # noqa: E402
+                                split_step)
 
 CONFIGS = [(0, 0), (1, 1)]
 OPTIMIZERS = ["sgd", "adamw"]
 BATCH_SIZES = (1, 3, 8)
+PHASES = ("local", "split", "tail")
 LR = 1e-2
 WEIGHT_DECAY = 0.05
 
@@ -67,12 +70,12 @@ def snapshot(params: dict, opt: torch.optim.Optimizer, slots: tuple[str, ...]) -
 
 def record_cases(model: SplitViT, optimizer: str, folder: Path) -> None:
     method = METHODS["sfprompt"]
-    cfg = TrainConfig(lr=LR, optimizer=optimizer, weight_decay=WEIGHT_DECAY, traffic="ours", wire="fp32")
+    cfg = Recipe(lr=LR, optimizer=OptimizerSpec(optimizer, weight_decay=WEIGHT_DECAY), wire="fp32")
     slots = OptimizerSpec(optimizer).slots
     rng = np.random.default_rng(1)
     c, h, w = image_shape(model)
     for batch in BATCH_SIZES:
-        for phase in ("local", "split"):
+        for phase in PHASES:
             ref = copy.deepcopy(model)
             ref.set_trainable(method.client_parts)
             params = named_params(ref, method.client_parts)
@@ -91,12 +94,18 @@ def record_cases(model: SplitViT, optimizer: str, folder: Path) -> None:
                 loss = local_step(ref, torch.from_numpy(x), torch.from_numpy(y), ClientMeter(count_flops=False), opt,
                                   ref.forward_local)
                 case.update(loss=np.array(float(loss) / batch), logits=logits)
+            elif phase == "tail":
+                features = torch.from_numpy(rng.standard_normal((batch, *feature_shape(ref, "ours"))).astype(np.float32))
+                with torch.no_grad():
+                    logits = ref.tail(features).numpy()
+                loss = local_step(ref, features, torch.from_numpy(y), ClientMeter(count_flops=False), opt, ref.tail)
+                case.update(features=features.numpy(), tail_logits=logits, loss=np.array(float(loss) / batch))
             else:
                 meter = RecordingMeter()
-                loss = split_step(ref, method, cfg, torch.from_numpy(x), torch.from_numpy(y), meter, opt, None)
+                step = split_step(ref, method, cfg, torch.from_numpy(x), torch.from_numpy(y), meter, opt, None)
                 tokens, features, dfeatures, server_grad = meter.crossed
                 case.update(tokens=tokens, features=features, dfeatures=dfeatures, server_grad=server_grad,
-                            loss=np.array(float(loss) / batch))
+                            loss=np.array(float(step.loss_sum) / batch))
             case.update({f"after/{k}": v for k, v in snapshot(params, opt, slots).items()})
             np.savez(folder / f"case_{phase}_b{batch}.npz", **case)
 

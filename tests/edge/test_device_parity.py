@@ -1,4 +1,5 @@
-"""One local-loss step and one split-training step on the device equal the reference federation's PyTorch steps.
+"""A local-loss step, a split-training step and a tail-only step (the cached-feature local update) on the device
+equal the reference federation's PyTorch steps.
 
 Both backends; bundles with head/tail blocks 0/0 and 1/1, SGD with momentum and AdamW; batch sizes 1, 3 and 8
 (exported at 4); every step starts from non-zero optimizer state. The server's answers are the tensors that
@@ -14,7 +15,7 @@ from edge_client.runtime import open_runtime
 BACKENDS = ("portable", "training")
 CASES = [(backend, name, phase, batch) for backend in BACKENDS
          for name in ("k0m0-sgd", "k0m0-adamw", "k1m1-sgd", "k1m1-adamw")
-         for phase in ("local", "split") for batch in (1, 3, 8)]
+         for phase in ("local", "split", "tail") for batch in (1, 3, 8)]
 
 
 @pytest.mark.parametrize("backend,name,phase,batch", CASES)
@@ -29,7 +30,9 @@ def test_step_equals_pytorch(fixtures_dir, fixture_names, fixture_backends, back
     assert not report.failures, report.failures
     checked = {"local": {"local_logits", "local_step loss", "local step update", "local step optimizer state"},
                "split": {"front tokens", "tail_step loss", "tail_step dfeatures", "split step update",
-                         "split step optimizer state"}}[phase]
+                         "split step optimizer state"},
+               "tail": {"tail_only_step loss", "tail_only_step logits", "tail-only step update",
+                        "tail-only step optimizer state"}}[phase]
     assert checked <= set(report.errors), sorted(report.errors)
 
 
@@ -41,4 +44,4 @@ def test_every_bundle_was_checked_at_export(fixtures_dir, fixture_names, fixture
         checked = open_runtime(fixtures_dir / name / bundle_folder(backend)).manifest.verification
         assert set(checked["batch_sizes"]) >= {1, 3, 8}
         assert all(checked["max_errors"][k] <= checked["limits"][k] for k in checked["max_errors"])
-        assert "split step update" in checked["max_errors"]
+        assert {"split step update", "tail-only step update"} <= set(checked["max_errors"])
