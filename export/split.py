@@ -4,9 +4,11 @@ One file, read top to bottom: `SplitSpec` says where to cut, `Head`, `Body` and 
 `SplitViT` holds them together with the two forward paths the method needs:
 
 - the split path, head -> body -> tail, which is exactly the original model when there are no prompts;
-- the local path, head -> tail with the body skipped, used for EL2N scoring and the local-loss update. With no
-  head blocks the cls token never sees the image on that path, so it pools the mean of all head output tokens
-  (cls, registers, prompts, patches) into one token before the tail (`LOCAL_POOL`, see METHOD.md).
+- the local path, head -> tail with the body skipped, on which the paper's reading of phase 1 scores EL2N and
+  runs its local-loss update (the `sfprompt-paper-phase1` ablation; the default recipe uses the split path's own
+  logits and cached body features instead, sfp_common/recipe.py). With no head blocks the cls token never sees
+  the image on that path, so it pools the mean of all head output tokens (cls, registers, prompts, patches) into
+  one token before the tail (`LOCAL_POOL`, see METHOD.md).
 
 Prompts are VPT-shallow: P learnable tokens inserted after the cls/register tokens, after position embedding, so
 they carry no position embedding. They count as prefix tokens, so average pooling over patches ignores them.

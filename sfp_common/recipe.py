@@ -43,12 +43,12 @@ class Recipe:
     lr: float = 3e-2
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)   # baked into the device's bundle
     batch_size: int = 16            # a device uses its profile's
-    epochs: int = 3                 # passes of split training over the kept samples (whole-model methods: local)
+    epochs: int = 2                 # passes of split training over the kept samples (whole-model methods: local)
     prune: str = "split-el2n"
     keep: float = 0.5               # the fraction of local samples split training sees
     select: str = "hardest"
     local_update: str = "cached-features"
-    local_epochs: int = 1
+    local_epochs: int = 5
     wire: str = "fp16"              # smashed tokens and features; a device uses its profile's
 
     def __post_init__(self) -> None:

@@ -4,9 +4,10 @@ Reported beside each federated method so the cost of federating (data split, rou
 cost of the adaptation itself (prompts and tail instead of the whole model) are seen apart. Same samples (the
 union of the clients' training shares), same trainable tensors, optimizer, learning rate and batch size as the
 federation; the data goes through the model's full path (head, body, tail in one place). One "round" here is
-`epochs` passes over the pooled data, so a ceiling's curve lines up with the federation's rounds; the optimizer
-keeps its state across them, as one uninterrupted training run would. With one client and one round, a
-whole-model method's ceiling is exactly its federation (tests/test_central.py checks it).
+three passes over the pooled data (`PASSES_PER_ROUND`, whatever the method's recipe does in a round), so a
+ceiling's curve lines up with the federation's rounds; the optimizer keeps its state across them, as one
+uninterrupted training run would. With one client and one round of as many passes, a whole-model method's ceiling
+is exactly its federation (tests/test_central.py checks it).
 """
 from __future__ import annotations
 
@@ -33,10 +34,14 @@ def adaptation_of(method: str) -> str:
     return "-".join(parts)
 
 
+PASSES_PER_ROUND = 3     # a ceiling's passes per round-equivalent, whatever its method's recipe: 30 in 10 rounds
+
+
 def train_central(federation: Federation, on_round: Callable[[dict], None] | None = None,
-                  progress: bool = False) -> dict:
-    """Train the federation's method's adaptation centrally for rounds x epochs passes, on its model and clients'
-    data; a report shaped like `Federation.run`'s (no traffic: nothing crosses a network)."""
+                  progress: bool = False, passes_per_round: int = PASSES_PER_ROUND) -> dict:
+    """Train the federation's method's adaptation centrally for rounds x `passes_per_round` passes, on its model
+    and clients' data, with its recipe's optimizer, learning rate and batch size; a report shaped like
+    `Federation.run`'s (no traffic: nothing crosses a network)."""
     cfg = federation.cfg
     model = federation.model
     x = torch.cat([c.x_train for c in federation.clients])
@@ -48,7 +53,7 @@ def train_central(federation: Federation, on_round: Callable[[dict], None] | Non
     rows = []
     for r in range(1, cfg.rounds + 1):
         start = time.time()
-        for _ in range(cfg.recipe.epochs):
+        for _ in range(passes_per_round):
             order = batches(len(y), cfg.recipe.batch_size, rng)
             loss_sum = sum(local_step(model, x[i], y[i], meter, opt, model)
                            for i in tqdm(order, desc=f"central {r}", leave=False, disable=not progress))

@@ -103,8 +103,8 @@ def test_sfprompt_client_flops_are_the_patch_embedding_and_classifier(name):
     split = kept * (embed + 3 * head_fwd)              # split: head forward; tail forward, weight grad, and
                                                        # the input grad the client sends up to the server
     if name == "sfprompt":
-        expected = split + n * 3 * head_fwd            # the tail on cached features: forward, weight grad, and
-                                                       # the grad into the final norm (it trains too)
+        # the tail on cached features, each pass: forward, weight grad, and the grad into the final norm (it trains)
+        expected = split + recipe.local_epochs * n * 3 * head_fwd
     else:
         expected = (n * (embed + head_fwd)             # EL2N scoring on the local path
                     + n * (embed + 3 * head_fwd)       # local update: forward, weight grad, input grad

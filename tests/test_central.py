@@ -23,7 +23,7 @@ def test_one_client_one_round_ceiling_is_that_federation(digits_checkpoint):
     cfg = config(digits_checkpoint)
     federation, pooled = Federation(cfg), Federation(cfg)
     federated = federation.run()
-    central = train_central(pooled)
+    central = train_central(pooled, passes_per_round=cfg.recipe.epochs)
     assert central["central"] and central["adaptation"] == "full"
     got, want = state_of(pooled.client_params), state_of(federation.client_params)
     assert got.keys() == want.keys() and len(got) > 10
