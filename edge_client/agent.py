@@ -303,6 +303,9 @@ class DeviceAgent:
             plan = RoundPlan.from_dict(message.meta["plan"])
         except (KeyError, ConfigError) as err:
             raise RoundAborted(f"the round's plan is malformed: {err}") from None
+        if plan.recipe.optimizer != self.runtime.manifest.optimizer:      # the bundle's graphs bake its optimizer
+            raise RoundAborted(f"the round's optimizer {plan.recipe.optimizer} is not the bundle's "
+                               f"{self.runtime.manifest.optimizer}")
         sent_raw0 = self.link.traffic.sent
         self.publish_status(activity="starting", round=index)
         memory = self.memory.begin(index)

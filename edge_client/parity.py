@@ -3,9 +3,8 @@
 A case is one step PyTorch took: the trainables and optimizer state it started from, the batch, the learning
 rate, what it computed (logits and loss; for a split batch also the smashed tokens, the server's features and
 gradient, dL/dfeatures; for a tail-only step the features it trained on) and the trainables and state it ended
-with. The runtime starts from the same tensors,
-takes the same step (the server's part played by the recorded answers) and every output, state and update is
-compared within the limits of sfp_common/parity.py. The exporter refuses a bundle whose replay fails
+with. The runtime starts from the same tensors, takes the same step (the server's part played by the recorded
+answers) and every output, state and update is compared within the limits of sfp_common/parity.py. The exporter refuses a bundle whose replay fails
 (export/verify.py records the cases); the device tests replay the reference federation's own steps.
 
 Torch-free, so a backend is checked in its own environment: `python -m edge_client.parity BUNDLE CASES.npz`

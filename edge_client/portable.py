@@ -64,16 +64,17 @@ class PortableRuntime(ClientRuntime):
     def smash(self, images: np.ndarray) -> np.ndarray:
         return self._run("front", images=check_batch(images, self.manifest))["tokens"]
 
-    def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+    def _tail(self, features: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, np.ndarray]:
         features = check_features(features, self.manifest)
-        out = self._run("tail_step", features=features, labels=check_labels(labels, len(features), self.manifest),
-                        lr=self._scalar(lr))
+        return self._run("tail_step", features=features, labels=check_labels(labels, len(features), self.manifest),
+                         lr=self._scalar(lr))
+
+    def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
+        out = self._tail(features, labels, lr)
         return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
 
     def tail_only_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
-        features = check_features(features, self.manifest)
-        out = self._run("tail_step", features=features, labels=check_labels(labels, len(features), self.manifest),
-                        lr=self._scalar(lr))
+        out = self._tail(features, labels, lr)
         self.values["step"] = out["new.step"]      # the tail's step is the whole step: no prompt_step follows
         return TailStep(float(out["loss"]), out["logits"], out["dfeatures"])
 
