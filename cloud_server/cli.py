@@ -184,8 +184,10 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
 @access_options
 @click.option("--worker-id", default=None, help="Unique per worker [default: host name and process id].")
 @click.option("--max-packet", default=1 << 20)
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The server's state folder, for the CA and service password under its security/.")
 def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-           torch_device, body_dtype, ca, username, password_file, worker_id, max_packet) -> None:
+           torch_device, body_dtype, ca, username, password_file, worker_id, max_packet, state_dir) -> None:
     """An extra body worker: takes forward requests from the shared subscription until stopped."""
     from export.backbone import resolve_model
     from export.bundle import client_model
@@ -199,7 +201,7 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet,
-                            broker_access(broker, ca, username, password_file))
+                            broker_access(broker, ca, username, password_file, state_dir))
         try:
             stop.wait()
         finally:
@@ -234,7 +236,9 @@ def demo(out, model, devices, rounds, alpha, prompts, profile, seed, tls, **reci
 @click.option("--federation", default="demo")
 @click.option("--wait", type=float, default=1.0, help="Seconds to collect the retained messages.")
 @access_options
-def fleet(broker, federation, wait, ca, username, password_file) -> None:
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The server's state folder, for the CA and service password under its security/.")
+def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> None:
     """Print the fleet's status, as retained in the broker."""
     from wire_protocol.link import Link
     from wire_protocol.topics import Topics
@@ -242,7 +246,7 @@ def fleet(broker, federation, wait, ca, username, password_file) -> None:
     def job() -> None:
         topics, seen = Topics(federation), {}
         link = Link(broker, f"fleet-{os.getpid()}",
-                    access=broker_access(broker, ca, username, password_file)).connect()
+                    access=broker_access(broker, ca, username, password_file, state_dir)).connect()
         link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
         time.sleep(wait)
         link.close()

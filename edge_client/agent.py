@@ -131,7 +131,15 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
 
     def connect() -> Link:
         server.clear()
-        link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect()
+        try:
+            link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect(
+                timeout=min(15.0, timeout))
+        except LinkError as err:
+            if err.refused:
+                raise ConfigError(f"the broker refused this device's enrollment account {enroll_account(device)}: "
+                                  "the token is wrong, already used, expired or another device's; ask the operator "
+                                  f"for a new one (`sfp-cloud token --device {device}`)") from None
+            raise
         link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
         link.subscribe_json(topics.server_status(), lambda topic, value: server.update(value))
         return link

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from sfp_common.bundle import OPTIMIZERS
-from sfp_common.errors import ConfigError
+from sfp_common.errors import ConfigError, ServiceError
 from sfp_common.recipe import LOCAL_UPDATES, PRUNE_RULES, SELECT_RULES, Recipe
 from wire_protocol.codec import FLOAT_WIRES
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 def run_cli(job: Callable[[], T]) -> T:
     try:
         return job()
-    except ConfigError as err:
+    except (ConfigError, ServiceError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -43,11 +43,11 @@ def test_password_hashes_are_mosquittos_format():
 def test_tls_needs_the_federations_ca_and_an_account(secured, tmp_path):
     url = secured["url"]
     assert url.startswith("mqtts://")
-    with pytest.raises(LinkError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+    with pytest.raises(LinkError, match="TLS certificate .* is not trusted .*--ca"):
         Link(url, "no-ca", access=BrokerAccess(SERVICE, secured["service"])).connect(timeout=5)
     other = tmp_path / "other-ca"
     make_certificates(other)
-    with pytest.raises(LinkError, match="certificate verify failed|CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(LinkError, match="TLS certificate .* is not trusted"):
         Link(url, "wrong-ca", access=BrokerAccess(SERVICE, secured["service"], str(other / "ca.crt"))).connect(5)
     for user, password in ((None, None), (SERVICE, "wrong"), ("dev-a", secured["passwords"]["dev-b"])):
         with pytest.raises(LinkError, match="refused"):

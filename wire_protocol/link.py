@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -26,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from sfp_common.errors import ServiceError
 from wire_protocol.chunking import Reassembler, split
 from wire_protocol.envelope import Message, WireError, pack, unpack
 
@@ -34,8 +36,13 @@ MessageHandler = Callable[[str, Message], None]
 JsonHandler = Callable[[str, Any], None]
 
 
-class LinkError(ConnectionError):
-    """The broker cannot be reached, refused us, or dropped us."""
+class LinkError(ServiceError):
+    """The broker cannot be reached, refused us, or dropped us. `refused`: it answered and turned our account
+    down (wrong user, password or token)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -110,19 +117,33 @@ class Link:
 
     # ------------------------------------------------------------------ connection
     def connect(self, timeout: float = 15.0) -> Link:
+        where = f"the broker at {self.host}:{self.port}"
         try:
             self.client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        except ssl.SSLCertVerificationError as err:
+            raise LinkError(f"the TLS certificate of {where} is not trusted ({err.verify_message}): give the CA "
+                            "that signed it with --ca (the federation's own: <state>/security/ca.crt from "
+                            "`sfp-cloud secure`)") from None
+        except ConnectionRefusedError:
+            raise LinkError(f"nothing accepts connections at {self.host}:{self.port}: is the broker running, and "
+                            "are the host and port right?") from None
+        except socket.gaierror as err:
+            raise LinkError(f"cannot resolve the broker's host {self.host!r}: {err.strerror}") from None
         except OSError as err:
-            raise LinkError(f"cannot reach the broker at {self.host}:{self.port}: {err}") from None
+            raise LinkError(f"cannot reach {where}: {err}") from None
         self.client.loop_start()
         if not self._connected.wait(timeout) or self._connect_error:
             self.client.loop_stop()
-            raise LinkError(self._connect_error or f"no answer from the broker at {self.host}:{self.port}")
+            if self._connect_error:
+                raise LinkError(self._connect_error, refused=True)
+            raise LinkError(f"no answer from {where} within {timeout:.0f} s: is it an MQTT broker, with mqtts:// "
+                            "for a TLS port and mqtt:// for a plain one?")
         return self
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self._connect_error = f"the broker refused the connection: {reason_code}"
+            self._connect_error = (f"the broker at {self.host}:{self.port} refused the connection ({reason_code}): "
+                                   "check the account and its password")
             self._connected.set()
             return
         sock = client.socket()
@@ -143,7 +164,7 @@ class Link:
                 log.exception("%s: on_connect failed", self.client_id)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
+        if reason_code.is_failure and self._connections and self._connect_error is None:   # connect() reports its own
             log.warning("%s: disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
 
     def close(self, final: list[tuple[str, Any]] = (), timeout: float = 10.0) -> None:
