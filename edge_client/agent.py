@@ -103,16 +103,17 @@ def hardware_facts() -> dict[str, Any]:
     return facts
 
 
-def count_training_samples(data: str) -> tuple[int, list[str]]:
-    """Sample count and class folder names of a device data folder, without reading the images."""
-    train = Path(data) / "train"
-    if not train.is_dir():
-        raise ConfigError(f"{data} has no train/ folder (expected {data}/train/<class>/<image files>)")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-    count = sum(1 for c in classes for f in (train / c).iterdir() if f.is_file() and not f.name.startswith("."))
-    if count == 0:
-        raise ConfigError(f"{train} holds no images")
-    return count, classes
+def check_device_folder(data: str) -> tuple[int, list[str]]:
+    """Decode every training and test image once, before anything is sent (an enrollment token works once): the
+    sample count the server registers is what the device will train on, and the class folders that hold images."""
+    names = sorted(p.name for p in (Path(data) / "train").iterdir()
+                   if p.is_dir() and not p.name.startswith(".")) if (Path(data) / "train").is_dir() else []
+    test = Path(data) / "test"
+    if test.is_dir():
+        names = sorted(set(names) | {p.name for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")})
+    folder = load_device_folder(data, names)
+    present = sorted({names[int(y)] for y in folder.train.labels})
+    return len(folder.train), present
 
 
 def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, device: str, federation: str,
@@ -121,7 +122,7 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     own broker account, and keep them in `state`."""
     check_name("device", device)
     topics = Topics(federation)
-    num_samples, classes = count_training_samples(data)
+    num_samples, classes = check_device_folder(data)
     replies: queue.Queue[Message] = queue.Queue()
     server: dict[str, Any] = {}
     access = BrokerAccess(enroll_account(device), token, ca_file)

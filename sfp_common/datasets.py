@@ -178,7 +178,9 @@ def _read_image(path: Path) -> np.ndarray:
         raise ConfigError(f"cannot read image {path}: {e}") from e
 
 
-def _class_files(folder: Path) -> dict[str, list[Path]]:
+def _class_files(folder: Path, allow_empty: bool = False) -> dict[str, list[Path]]:
+    """Image files (by extension; others, such as a README.txt, are not images and are left alone) per class
+    folder. `allow_empty`: an empty class folder is a class this holder lacks, not an error (a device's share)."""
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a directory")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -190,16 +192,28 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
             p for p in d.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         )
-        if not images:
+        if not images and not allow_empty:
             raise ConfigError(
                 f"class folder {d} has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        result[d.name] = images
+        if images:
+            result[d.name] = images
     return result
 
 
 def _load_images(paths: list[Path], labels: list[int]) -> LabeledImages:
-    arrays = [_read_image(p) for p in paths]
+    """Every image decoded; if any cannot be, one error naming them (up to three) instead of the first alone."""
+    arrays, bad = [], []
+    for p in paths:
+        try:
+            arrays.append(_read_image(p))
+        except ConfigError as err:
+            reason = str(err.__cause__ or err).replace(repr(str(p)), "").replace(str(p), "").strip(" :")
+            bad.append(f"{p.parent.name}/{p.name} ({reason})")
+    if bad:
+        folder = paths[0].parent.parent
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ConfigError(f"{len(bad)} file(s) in {folder} cannot be read as images: {shown}: remove or replace them")
     same = len({a.shape for a in arrays}) == 1
     images: np.ndarray | list[np.ndarray] = np.stack(arrays) if same else arrays
     return LabeledImages(images, np.asarray(labels, dtype=np.int64))
@@ -252,7 +266,7 @@ def load_device_folder(path: str | Path, classes: list[str]) -> DatasetSplits:
     """A device's own data: `<path>/train/<class>/<images>` and, optionally, `<path>/test/<class>/<images>`.
 
     Labels are the positions of the folder names in the federation's class list (a device usually holds only
-    some of the classes: that is what non-IID means). Samples are ordered by file name across class folders, so
+    some of the classes: that is what non-IID means; an empty class folder is such a class). Samples are ordered by file name across class folders, so
     a share written as `<class>/<000123>.png` is read back in the order it was written.
     """
     path = Path(path)
@@ -260,8 +274,14 @@ def load_device_folder(path: str | Path, classes: list[str]) -> DatasetSplits:
         raise ConfigError(f"{path} has no train/ folder (expected {path}/train/<class>/<image files>)")
     index = {name: i for i, name in enumerate(classes)}
 
+    empty = LabeledImages(np.zeros((0, 1, 1), np.uint8), np.zeros(0, np.int64))
+
     def read(split: Path) -> LabeledImages:
-        files = _class_files(split)
+        files = _class_files(split, allow_empty=True)
+        if not files:
+            if split.name == "train":
+                raise ConfigError(f"{split} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            return empty
         unknown = sorted(set(files) - set(index))
         if unknown:
             raise ConfigError(f"{split} has class folders the federation does not know: {unknown} "
@@ -269,7 +289,6 @@ def load_device_folder(path: str | Path, classes: list[str]) -> DatasetSplits:
         ordered = sorted((p.name, str(p), index[name]) for name, ps in files.items() for p in ps)
         return _load_images([Path(p) for _, p, _ in ordered], [y for _, _, y in ordered])
 
-    empty = LabeledImages(np.zeros((0, 1, 1), np.uint8), np.zeros(0, np.int64))
     test = read(path / "test") if (path / "test").is_dir() else empty
     return DatasetSplits(path.name or str(path), list(classes), read(path / "train"), test)
 

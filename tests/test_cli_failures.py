@@ -121,3 +121,19 @@ def test_server_side_commands_with_no_broker(command, tmp_path):
             "serve": ["serve", "--broker", broker, "--state", str(tmp_path / "server"), *TINY_SERVER],
             "worker": ["worker", "--broker", broker, *TINY_SERVER]}[command]
     one_line_error(run("sfp-cloud", *args), "nothing accepts connections", "is the broker running")
+
+
+def test_enrollment_checks_the_images_before_it_connects(data, tmp_path):
+    """A broken image is named before the token is spent: with no broker at the address the answer is about the
+    data, so the check ran first. An empty class folder and a README are fine."""
+    broken = tmp_path / "broken"
+    for label in ("0", "1", "2"):
+        (broken / "train" / label).mkdir(parents=True)
+    Image.new("L", (16, 16), 10).save(broken / "train" / "0" / "a.png")
+    (broken / "train" / "0" / "README.txt").write_text("where these came from")
+    (broken / "train" / "1" / "b.png").write_bytes((data / "train" / "1" / "a.png").read_bytes()[:30])
+    one_line_error(enroll(broken, tmp_path, f"mqtt://127.0.0.1:{free_port()}", "--token", "t"),
+                   "cannot be read as images", "1/b.png", "remove or replace them")
+    (broken / "train" / "1" / "b.png").unlink()
+    one_line_error(enroll(broken, tmp_path, f"mqtt://127.0.0.1:{free_port()}", "--token", "t"),
+                   "nothing accepts connections")

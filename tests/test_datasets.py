@@ -171,6 +171,13 @@ def _rgb(rng, h, w):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def _png_bytes(array: np.ndarray) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _gray(rng, h, w):
     return rng.integers(0, 256, (h, w), dtype=np.uint8)
 
@@ -298,3 +305,26 @@ def test_a_device_folder_reads_back_in_the_order_written(tmp_path):
         load_device_folder(tmp_path / "d", ["0", "1"])
     with pytest.raises(ConfigError, match="no train/ folder"):
         load_device_folder(tmp_path, classes)
+
+
+def test_a_device_folder_may_lack_classes_and_names_every_unreadable_image(tmp_path):
+    """An empty class folder is a class this device lacks; a README is not an image; broken images are all named
+    in one error."""
+    from sfp_common.datasets import load_device_folder
+    rng = np.random.default_rng(1)
+    d = tmp_path / "d"
+    _save(d / "train" / "a" / "0.png", _gray(rng, 4, 4))
+    _save(d / "train" / "c" / "0.png", _gray(rng, 4, 4))
+    (d / "train" / "b").mkdir()
+    (d / "train" / "a" / "README.txt").write_text("notes")
+    data = load_device_folder(d, ["a", "b", "c"])
+    assert len(data.train) == 2 and sorted(data.train.labels.tolist()) == [0, 2] and len(data.test) == 0
+    (d / "train" / "a" / "1.png").write_bytes(_png_bytes(_gray(rng, 4, 4))[:40])           # truncated
+    (d / "train" / "c" / "1.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ConfigError, match=r"2 file\(s\) in .* cannot be read as images: .*remove or") as err:
+        load_device_folder(d, ["a", "b", "c"])
+    assert "a/1.png (" in str(err.value) and "c/1.jpg (" in str(err.value)
+    empty = tmp_path / "e"
+    (empty / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds no images"):
+        load_device_folder(empty, ["a"])
