@@ -165,7 +165,10 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
         coordinator = Coordinator(cfg, broker, metrics, on_round=lambda s: log.info("round %s: %s", s["round"],
                                                                                      json.dumps(s)),
                                   max_packet=max_packet, access=access,
-                                  reload_broker=reload_command(broker_reload)).start()
+                                  reload_broker=reload_command(broker_reload))
+        for sig in (signal.SIGINT, signal.SIGTERM):      # `kill`, `systemctl stop`, Ctrl-C: a clean stop
+            signal.signal(sig, lambda *_: coordinator.stop.set())
+        coordinator.start()
         bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
                                body_dtype, max_packet, access, coordinator.link.on_refused) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)

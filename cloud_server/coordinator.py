@@ -333,6 +333,11 @@ class Coordinator:
         deadline = time.monotonic() + self.cfg.round_deadline_s
         updates = self._collect(set(selected), round_index, attempt, "update", deadline)
         summary: dict[str, Any] = {"round": round_index, "selected": selected, "participants": sorted(updates)}
+        if self.stop.is_set():             # asked to stop: the round is abandoned on purpose, and runs on restart
+            log.warning("stopping: round %d abandoned (%d of %d updates in); it runs again when the server restarts",
+                        round_index, len(updates), len(selected))
+            self.publish_status(state="stopping", round=round_index)
+            return summary
         if not updates or self.reconnected.is_set():    # the round is not done, and runs again
             why = "the broker connection was lost" if self.reconnected.is_set() else "no device delivered an update"
             log.warning("round %d: %s; it will be run again", round_index, why)
@@ -379,6 +384,8 @@ class Coordinator:
     def close(self) -> None:
         self.stop.set()
         self.enrollments.put(None)
-        self.status["state"] = "finished" if self.next_round > self.cfg.rounds else "offline"
+        # What a dashboard should keep seeing: the last round, the enrolled count; not the start-up Will.
+        self.status.update(state="finished" if self.next_round > self.cfg.rounds else "offline",
+                           enrolled=len(self.registry.devices), updated=round(time.time(), 3))
         self.link.close(final=[(self.topics.server_status(), self.status)])
 
