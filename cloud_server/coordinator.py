@@ -108,6 +108,7 @@ class Coordinator:
         self.round_in_progress: int | None = None
         self.status: dict[str, Any] = {"state": "starting", "federation": cfg.federation, "round": None,
                                        "rounds": cfg.rounds, "model": self.model_id}
+        self._published: dict[str, Any] | None = None     # the status last published, but its timestamp
         self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
                          will=(self.topics.server_status(), {**self.status, "state": "offline"}),
                          on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc(), access=access)
@@ -157,7 +158,7 @@ class Coordinator:
     def _on_connect(self, reconnected: bool) -> None:
         if reconnected:       # a new session: what was in flight may be lost, the retained status too
             self.reconnected.set()
-            self.publish_status()
+            self.publish_status(force=True)
 
     def _on_up(self, topic: str, message: Message) -> None:
         device = self.topics.device_of(topic)
@@ -192,9 +193,15 @@ class Coordinator:
     def online_enrolled(self) -> list[str]:
         return sorted(d for d in list(self.online) if self.registry.get(d) is not None)
 
-    def publish_status(self, **changes: Any) -> None:
-        self.status.update(changes, enrolled=len(self.registry.devices), online=len(self.online_enrolled()),
-                           updated=round(time.time(), 3))
+    def publish_status(self, force: bool = False, **changes: Any) -> None:
+        """The retained server status, published when something in it changed (or `force`: after a reconnect
+        the broker may have lost it), not on every pass of a waiting loop."""
+        self.status.update(changes, enrolled=len(self.registry.devices), online=len(self.online_enrolled()))
+        shown = {k: v for k, v in self.status.items() if k != "updated"}
+        if shown == self._published and not force:
+            return
+        self._published = shown
+        self.status["updated"] = round(time.time(), 3)
         self.link.publish_json(self.topics.server_status(), self.status, retain=True)
 
     # ----------------------------------------------------------------------------------------- enrollment

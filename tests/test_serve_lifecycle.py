@@ -1,9 +1,11 @@
 """`sfp-cloud serve` stopped the way an operator stops it (`kill`, `systemctl stop`, Ctrl-C) leaves a current
-retained status for the dashboards, not the snapshot its Last Will took at start-up."""
+retained status for the dashboards, not the snapshot its Last Will took at start-up; and while nothing changes it
+publishes nothing."""
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,7 +19,8 @@ FED = "lifecycle"
 def test_a_stopped_server_leaves_its_current_status(broker, tmp_path, sig):
     topics, seen = Topics(FED), {}
     watcher = Link(broker, f"watch-{sig.name}").connect()
-    watcher.subscribe_json(topics.server_status(), lambda topic, value: seen.update(value))
+    messages = []
+    watcher.subscribe_json(topics.server_status(), lambda topic, value: (seen.update(value), messages.append(value)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SFP_LOG": "WARNING"}
     server = subprocess.Popen(
         [sys.executable, "-m", "cloud_server.cli", "serve", "--broker", broker, "--federation", FED, "--state",
@@ -26,7 +29,9 @@ def test_a_stopped_server_leaves_its_current_status(broker, tmp_path, sig):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_for(lambda: seen.get("state") == "waiting for devices" and seen.get("round") == 1, 120), seen
-        waiting = dict(seen)
+        waiting, count = dict(seen), len(messages)
+        time.sleep(3)                 # waiting for devices, nothing changes: nothing is published again
+        assert len(messages) == count, messages[count:]
         server.send_signal(sig)
         out, _ = server.communicate(timeout=60)
     finally:
