@@ -306,16 +306,26 @@ class Coordinator:
                 continue
             if message.type != kind:
                 continue
-            if kind == "update":
-                try:
-                    check_trainables(self.manifest(), message.tensors, f"update from {message.device}")
-                    if int(message.meta["num_samples"]) < 1:
-                        raise ValueError("num_samples < 1")
-                except (BundleError, KeyError, TypeError, ValueError) as err:
-                    self.link.refuse(topic, str(err), "bad update")
-                    continue
+            try:
+                self._check_claims(message)
+            except (BundleError, KeyError, TypeError, ValueError) as err:
+                self.link.refuse(topic, str(err), f"bad {kind}")
+                continue
             got[message.device] = message
         return got
+
+    def _check_claims(self, message: Message) -> None:
+        """What a device claims, bounded by what the server knows: an update's FedAvg weight by the sample count it
+        enrolled with (one device must not dominate the average by claiming more), a report's counts by each other."""
+        if message.type == "update":
+            check_trainables(self.manifest(), message.tensors, f"update from {message.device}")
+            claimed, enrolled = int(message.meta["num_samples"]), self.registry.get(message.device).num_samples
+            if not 1 <= claimed <= enrolled:
+                raise ValueError(f"{message.device} claims {claimed} training samples; it enrolled with {enrolled}")
+        else:
+            correct, samples = int(message.meta["correct"]), int(message.meta["samples"])
+            if not 0 <= correct <= samples:
+                raise ValueError(f"{message.device} reports {correct} correct of {samples} samples")
 
     def run_round(self, round_index: int) -> dict:
         """One attempt at a round. Its messages carry a fresh attempt id (the envelope's seq, echoed by the devices),

@@ -119,11 +119,15 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     link.send(topics.up("dev", "update"), Message("update", "dev", 7, attempt, {"num_samples": 5}, good))  # stale
     link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt + 1, {"num_samples": 5}, other))
     link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, bad))
+    # a lying device: a FedAvg weight far beyond the 10 samples it enrolled with, never counted
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 10**6}, other))
     updates_before = server.metrics.updates._value.get()
     for _ in range(2):                      # delivered twice (QoS 1 may): one update per device is kept
         link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, good))
     evaluation = rounds.get(timeout=10)
     assert evaluation.meta["train"] is False and evaluation.seq != attempt
+    link.send(topics.up("dev", "report"), Message("report", "dev", 1, evaluation.seq,
+                                                  meta={"correct": 9, "samples": 4}))      # impossible: refused
     link.send(topics.up("dev", "report"), Message("report", "dev", 1, evaluation.seq,
                                                   meta={"correct": 3, "samples": 4}))
     assert wait_for(lambda: bool(done), 10)
@@ -134,6 +138,8 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     reasons = " | ".join(reason for _, reason in server.link.recent_refusals)
     assert "a message for round 7; round in progress: 1" in reasons and "head.prompts is float32[3, 3]" in reasons
     assert f"round 1 (attempt {attempt + 1}) during round 1 (attempt {attempt})" in reasons
+    assert "dev claims 1000000 training samples; it enrolled with 10" in reasons
+    assert "dev reports 9 correct of 4 samples" in reasons
     summary = json.loads((server.cfg.state_dir / "rounds.jsonl").read_text().splitlines()[-1])
     assert summary["round"] == 1
     link.close()
