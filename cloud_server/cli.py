@@ -236,23 +236,41 @@ def demo(out, model, devices, rounds, alpha, prompts, profile, seed, tls, **reci
 
 @main.command()
 @click.option("--broker", required=True)
-@click.option("--federation", default="demo")
+@click.option("--federation", default=None,
+              help="[default: the one federation whose server status is on the broker; several: say which]")
 @click.option("--wait", type=float, default=1.0, help="Seconds to collect the retained messages.")
 @access_options
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The server's state folder, for the CA and service password under its security/.")
 def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> None:
-    """Print the fleet's status, as retained in the broker."""
+    """Print the fleet's status, as retained in the broker: every enrolled device, seen or not."""
     from wire_protocol.link import Link
-    from wire_protocol.topics import Topics
+    from wire_protocol.topics import ROOT, Topics
 
     def job() -> None:
-        topics, seen = Topics(federation), {}
         link = Link(broker, f"fleet-{os.getpid()}",
                     access=broker_access(broker, ca, username, password_file, state_dir)).connect()
-        link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
-        time.sleep(wait)
-        link.close()
+        try:
+            name = federation
+            if name is None:
+                servers: dict[str, dict] = {}
+                link.subscribe_json(f"{ROOT}/+/server/status",
+                                    lambda topic, value: servers.__setitem__(topic.split("/")[1], value))
+                time.sleep(wait)
+                if len(servers) != 1:
+                    raise ConfigError("no federation's server status is retained on this broker: is `sfp-cloud "
+                                      "serve` running, and may this account read it? Name one with --federation"
+                                      if not servers else f"federations on this broker: {', '.join(sorted(servers))};"
+                                      " pick one with --federation")
+                name = next(iter(servers))
+            topics, seen = Topics(name), {}
+            link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
+            time.sleep(wait)
+        finally:
+            link.close()
+        if topics.server_status() not in seen:
+            raise ConfigError(f"no server status for federation {name!r} on this broker: is `sfp-cloud serve "
+                              f"--federation {name}` running?")
         click.echo(format_fleet(topics, seen))
     run_cli(job)
 
@@ -302,15 +320,23 @@ def token(state_dir, federation, device_id, ttl, broker_reload) -> None:
 
 def format_fleet(topics, seen: dict) -> str:
     server = seen.get(topics.server_status(), {})
-    lines = [f"server: {server.get('state', 'unknown')}, round {server.get('round')}/{server.get('rounds')}, "
-             f"{server.get('enrolled', 0)} enrolled, {server.get('online', 0)} online", "",
-             f"{'device':<16} {'state':<8} {'activity':<15} {'round':>5} {'samples':>7} {'profile':<16} "
+    lines = [f"federation {topics.base.split('/', 1)[1]}: server {server.get('state', 'unknown')}, round "
+             f"{server.get('round')}/{server.get('rounds')}, {server.get('enrolled', 0)} enrolled, "
+             f"{server.get('online', 0)} online", "",
+             f"{'device':<16} {'state':<11} {'activity':<15} {'round':>5} {'samples':>7} {'profile':<16} "
              f"{'MB sent':>8} {'MB recv':>8} {'last seen':>9}"]
     now = time.time()
-    for topic in sorted(t for t in seen if t.endswith("/status") and "/devices/" in t):
-        s = seen[topic]
+    statuses = {topic.split("/")[-2]: value for topic, value in seen.items()
+                if topic.endswith("/status") and "/devices/" in topic and isinstance(value, dict)}
+    enrolled = seen.get(topics.enrolled(), [])
+    for device in sorted(set(statuses) | set(enrolled if isinstance(enrolled, list) else [])):
+        s = statuses.get(device)
+        if s is None:
+            lines.append(f"{device:<16} {'never seen':<11} {'-':<15} {'-':>5} {'-':>7} {'-':<16} {'-':>8} {'-':>8} "
+                         f"{'-':>9}")
+            continue
         ago = f"{now - s['last_seen']:.0f}s ago" if s.get("last_seen") else "-"
-        lines.append(f"{s.get('device', '?'):<16} {s.get('state', '?'):<8} {s.get('activity', '?'):<15} "
+        lines.append(f"{device:<16} {s.get('state', '?'):<11} {s.get('activity', '?'):<15} "
                      f"{str(s.get('round') or '-'):>5} {s.get('samples', 0):>7} {s.get('profile', '?'):<16} "
                      f"{s.get('bytes_sent', 0) / 1e6:>8.2f} {s.get('bytes_received', 0) / 1e6:>8.2f} {ago:>9}")
     rounds = sorted((t, v) for t, v in seen.items() if "/rounds/" in t)

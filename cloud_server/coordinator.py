@@ -200,6 +200,8 @@ class Coordinator:
         shown = {k: v for k, v in self.status.items() if k != "updated"}
         if shown == self._published and not force:
             return
+        if self._published is None or shown["enrolled"] != self._published["enrolled"] or force:
+            self.link.publish_json(self.topics.enrolled(), sorted(self.registry.devices), retain=True)
         self._published = shown
         self.status["updated"] = round(time.time(), 3)
         self.link.publish_json(self.topics.server_status(), self.status, retain=True)

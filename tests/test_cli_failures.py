@@ -11,6 +11,8 @@ from PIL import Image
 
 from cloud_server.broker import LocalBroker, free_port
 from cloud_server.security import Security, secure
+from wire_protocol.link import Link
+from wire_protocol.topics import Topics
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SFP_LOG": "WARNING"}
 FED = "clifail"
@@ -108,10 +110,33 @@ def test_tls_without_the_federations_ca(data, tmp_path, secured):
 
 
 def test_fleet_finds_the_ca_and_service_account_in_its_state_folder(secured):
+    """It gets in (no TLS or account error) and says plainly that no server runs for the federation."""
     done = run("sfp-cloud", "fleet", "--broker", secured["url"], "--federation", FED, "--state", str(secured["state"]),
                "--wait", "0.5")
-    assert done.returncode == 0, done.stderr
-    assert "server:" in done.stdout
+    one_line_error(done, f"no server status for federation {FED!r}", "sfp-cloud serve")
+
+
+def test_fleet_finds_the_federation_and_lists_devices_never_seen(tmp_path):
+    with LocalBroker(log=tmp_path / "broker.log") as url:
+        link = Link(url, "fake-server").connect()
+        empty = run("sfp-cloud", "fleet", "--broker", url, "--wait", "0.5")
+        one_line_error(empty, "no federation's server status", "--federation")
+        a = Topics("fa")
+        link.publish_json(a.server_status(), {"state": "waiting for devices", "round": 1, "rounds": 5,
+                                              "enrolled": 2, "online": 1}, retain=True)
+        link.publish_json(a.enrolled(), ["d1", "d2"], retain=True)
+        link.publish_json(a.device_status("d1"), {"device": "d1", "state": "online", "activity": "idle"},
+                          retain=True)
+        link.close()        # waits for what it published
+        found = run("sfp-cloud", "fleet", "--broker", url, "--wait", "0.5")
+        assert found.returncode == 0, found.stderr
+        assert "federation fa: server waiting for devices" in found.stdout
+        rows = {line.split()[0]: line for line in found.stdout.splitlines() if line.startswith("d")}
+        assert "online" in rows["d1"] and "never seen" in rows["d2"], found.stdout
+        other = Link(url, "fake-server-b").connect()
+        other.publish_json(Topics("fb").server_status(), {"state": "finished"}, retain=True)
+        other.close()
+        one_line_error(run("sfp-cloud", "fleet", "--broker", url, "--wait", "0.5"), "federations on this broker: fa, fb")
 
 
 @pytest.mark.parametrize("command", ["fleet", "serve", "worker"])

@@ -1,6 +1,7 @@
 """The topic tree of one federation. Everything lives under `sfp/<federation>/`:
 
     server/status                       retained JSON: the server's state (dashboards read it)
+    server/devices                      retained JSON: the enrolled devices, seen or not
     devices/<device>/status             retained JSON: presence and activity (the device's Last Will: offline)
     devices/<device>/up/<type>          device -> server: enroll, update, report
     devices/<device>/down/<type>        server -> device: enrolled, refused, round, features, gradient, error
@@ -33,6 +34,9 @@ class Topics:
 
     def server_status(self) -> str:
         return f"{self.base}/server/status"
+
+    def enrolled(self) -> str:
+        return f"{self.base}/server/devices"
 
     def device_status(self, device: str) -> str:
         return f"{self.base}/devices/{device}/status"
