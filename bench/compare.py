@@ -343,7 +343,7 @@ def write_report(out: Path, settings: dict) -> str:
     """Tables, summary.json and the plot from every report in `out` (runs of earlier invocations included, so
     the suite can add seeds or ablations in steps)."""
     grid, ceilings = load_results(out)
-    partitions = [p for p in ("iid", *sorted(p for p in grid if p != "iid")) if p in grid]
+    partitions = sorted(grid, key=lambda p: -float("inf") if p == "iid" else -float(p[3:]))   # IID, then more skew
     grid = {p: dict(sorted(grid[p].items(), key=lambda kv: run_order(kv[0]))) for p in partitions}
     names = list(dict.fromkeys(n for reports in grid.values() for n in reports))
     users: dict[str, list[str]] = {}
