@@ -326,17 +326,21 @@ def format_fleet(topics, seen: dict) -> str:
              f"{'device':<16} {'state':<11} {'activity':<15} {'round':>5} {'samples':>7} {'profile':<16} "
              f"{'MB sent':>8} {'MB recv':>8} {'last seen':>9}"]
     now = time.time()
-    statuses = {topic.split("/")[-2]: value for topic, value in seen.items()
-                if topic.endswith("/status") and "/devices/" in topic and isinstance(value, dict)}
+
+    def per_device(leaf: str) -> dict[str, dict]:
+        return {topic.split("/")[-2]: value for topic, value in seen.items()
+                if topic.endswith(f"/{leaf}") and "/devices/" in topic and isinstance(value, dict)}
+    statuses, presences = per_device("status"), per_device("presence")
     enrolled = seen.get(topics.enrolled(), [])
-    for device in sorted(set(statuses) | set(enrolled if isinstance(enrolled, list) else [])):
-        s = statuses.get(device)
+    for device in sorted(set(statuses) | set(presences) | set(enrolled if isinstance(enrolled, list) else [])):
+        s, presence = statuses.get(device), presences.get(device, {})
         if s is None:
             lines.append(f"{device:<16} {'never seen':<11} {'-':<15} {'-':>5} {'-':>7} {'-':<16} {'-':>8} {'-':>8} "
                          f"{'-':>9}")
             continue
+        state = "lost" if presence.get("cause") == "lost" else presence.get("state", "unknown")
         ago = f"{now - s['last_seen']:.0f}s ago" if s.get("last_seen") else "-"
-        lines.append(f"{device:<16} {s.get('state', '?'):<11} {s.get('activity', '?'):<15} "
+        lines.append(f"{device:<16} {state:<11} {s.get('activity', '?'):<15} "
                      f"{str(s.get('round') or '-'):>5} {s.get('samples', 0):>7} {s.get('profile', '?'):<16} "
                      f"{s.get('bytes_sent', 0) / 1e6:>8.2f} {s.get('bytes_received', 0) / 1e6:>8.2f} {ago:>9}")
     rounds = sorted((t, v) for t, v in seen.items() if "/rounds/" in t)

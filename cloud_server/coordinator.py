@@ -150,7 +150,7 @@ class Coordinator:
         self.link.on_connect = self._on_connect
         self.link.connect()
         self.link.subscribe(self.topics.all_up(), self._on_up)
-        self.link.subscribe_json(self.topics.all_status(), self._on_status)
+        self.link.subscribe_json(self.topics.all_presence(), self._on_presence)
         threading.Thread(target=self._enroll_loop, name="enrollment", daemon=True).start()
         self.publish_status(state="waiting for devices")
         return self
@@ -179,10 +179,10 @@ class Coordinator:
         else:
             self.link.refuse(topic, f"a device does not send {message.type!r} messages", "unexpected type")
 
-    def _on_status(self, topic: str, value: Any) -> None:
+    def _on_presence(self, topic: str, value: Any) -> None:
         device = self.topics.device_of(topic)
         if device is None or not isinstance(value, dict):
-            self.link.refuse(topic, "a device status must be a JSON object", "malformed")
+            self.link.refuse(topic, "a device's presence must be a JSON object", "malformed")
             return
         if value.get("state") == "online":
             self.online[device] = value

@@ -77,7 +77,8 @@ def acl_lines(topics: Topics, username: str, account: dict) -> list[str]:
         return [f"user {username}", f"topic write {topics.up(device, 'enroll')}",
                 f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
     return [f"user {username}", f"topic write {topics.up(device, '+')}", f"topic write {topics.device_status(device)}",
-            f"topic write {topics.forward(device)}", f"topic write {topics.backward('+', device)}",
+            f"topic write {topics.device_presence(device)}", f"topic write {topics.forward(device)}",
+            f"topic write {topics.backward('+', device)}",
             f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
 
 

@@ -222,18 +222,21 @@ class DeviceAgent:
             None, None)
         self.memory = DeviceMemory(self.state, len(self.y_train))
         self.rounds: queue.Queue[Message] = queue.Queue()
-        self.status: dict[str, Any] = {"device": self.config.device, "state": "online", "activity": "idle",
-                                       "round": None, "samples": int(len(self.y_train)),
-                                       "profile": self.profile.name, "backend": self.runtime.manifest.backend,
-                                       "bytes_sent": 0, "bytes_received": 0, "last_seen": None}
+        self.status: dict[str, Any] = {"device": self.config.device, "activity": "idle", "round": None,
+                                       "samples": int(len(self.y_train)), "profile": self.profile.name,
+                                       "backend": self.runtime.manifest.backend, "bytes_sent": 0,
+                                       "bytes_received": 0, "last_seen": None}
         self.link = Link(self.config.broker, self.config.device, max_packet=self.profile.max_packet,
                          keepalive=self.profile.keepalive, access=self.config.access(self.state),
-                         will=(self.topics.device_status(self.config.device),
-                               {**self.status, "state": "offline", "activity": "disconnected"}))
+                         will=(self.topics.device_presence(self.config.device), self.presence("offline", "lost")))
         self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s,
                                  self.stop)
 
     # ------------------------------------------------------------------------------------------ status
+    def presence(self, state: str, cause: str | None = None) -> dict[str, Any]:
+        """Presence apart from the status: the Will replaces only this, so a crash keeps the last activity."""
+        return {"device": self.config.device, "state": state, **({"cause": cause} if cause else {})}
+
     def publish_status(self, **changes: Any) -> None:
         self.status.update(changes)
         self.status.update(last_seen=round(time.time(), 3), bytes_sent=self.link.traffic.sent,
@@ -256,7 +259,9 @@ class DeviceAgent:
     def _on_connect(self, reconnected: bool) -> None:
         if reconnected:
             self.remote.abort("the connection to the broker was lost: replies in flight may be lost")
-            self.publish_status(state="online")
+            self.link.publish_json(self.topics.device_presence(self.config.device), self.presence("online"),
+                                   retain=True)     # the broker published the Will when the connection dropped
+            self.publish_status()
 
     # ------------------------------------------------------------------------------------------ main loop
     def run(self, heartbeat_s: float = 10.0) -> None:
@@ -267,7 +272,8 @@ class DeviceAgent:
             raise ConfigError(str(err)) from None
         self.link.subscribe(self.topics.device_down(self.config.device), self._on_down)
         self.link.subscribe_json(self.topics.server_status(), self._on_server)
-        self.publish_status(state="online", activity="idle")
+        self.link.publish_json(self.topics.device_presence(self.config.device), self.presence("online"), retain=True)
+        self.publish_status(activity="idle")
         last = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -281,8 +287,11 @@ class DeviceAgent:
                 self.handle_round(message)
                 last = time.monotonic()
         finally:
-            self.status.update(state="offline", activity="stopped")
-            self.link.close(final=[(self.topics.device_status(self.config.device), self.status)])
+            self.status.update(activity="stopped", last_seen=round(time.time(), 3), bytes_sent=self.link.traffic.sent,
+                               bytes_received=self.link.traffic.received)
+            self.link.close(final=[(self.topics.device_status(self.config.device), self.status),
+                                   (self.topics.device_presence(self.config.device),
+                                    self.presence("offline", "stopped"))])
 
     def handle_round(self, message: Message) -> None:
         """One round's work: train and upload, or evaluate and report. A failed round is reported, not fatal."""

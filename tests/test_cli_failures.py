@@ -125,8 +125,8 @@ def test_fleet_finds_the_federation_and_lists_devices_never_seen(tmp_path):
         link.publish_json(a.server_status(), {"state": "waiting for devices", "round": 1, "rounds": 5,
                                               "enrolled": 2, "online": 1}, retain=True)
         link.publish_json(a.enrolled(), ["d1", "d2"], retain=True)
-        link.publish_json(a.device_status("d1"), {"device": "d1", "state": "online", "activity": "idle"},
-                          retain=True)
+        link.publish_json(a.device_status("d1"), {"device": "d1", "activity": "idle"}, retain=True)
+        link.publish_json(a.device_presence("d1"), {"device": "d1", "state": "online"}, retain=True)
         link.close()        # waits for what it published
         found = run("sfp-cloud", "fleet", "--broker", url, "--wait", "0.5")
         assert found.returncode == 0, found.stderr

@@ -228,15 +228,20 @@ def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
         assert 0 < overhead < 0.5
     finally:
         run.close()
-    statuses = retained(broker, Topics(run.name).all_status())
-    assert {s["state"] for s in statuses.values()} == {"offline"}      # a clean stop says so
+    presences = retained(broker, Topics(run.name).all_presence())
+    assert len(presences) == DEVICES
+    assert {(p["state"], p["cause"]) for p in presences.values()} == {("offline", "stopped")}  # a clean stop says so
+    assert {s["activity"] for s in retained(broker, Topics(run.name).all_status()).values()} == {"stopped"}
 
 
 def watch(broker: str, name: str) -> tuple[Link, dict]:
-    """The devices' retained status as it changes, by device id."""
+    """The devices' retained status and presence as they change, by device id (presence as `presence`, `cause`)."""
     seen: dict = {}
     watcher = Link(broker, f"watch-{name}").connect()
-    watcher.subscribe_json(Topics(name).all_status(), lambda topic, value: seen.__setitem__(value["device"], value))
+    watcher.subscribe_json(Topics(name).all_status(),
+                           lambda topic, value: seen.setdefault(value["device"], {}).update(value))
+    watcher.subscribe_json(Topics(name).all_presence(), lambda topic, value: seen.setdefault(
+        value["device"], {}).update(presence=value["state"], cause=value.get("cause")))
     return watcher, seen
 
 
@@ -246,8 +251,9 @@ def completed_rounds(run: Run) -> list[int]:
 
 
 def test_a_device_killed_mid_split_training_is_left_out_and_rejoins_after_a_restart(setup, broker):
-    """Killed during split training, a device shows offline (its Last Will) and the round completes with the
-    others; started again from its state folder it takes part in the next round."""
+    """Killed during split training, a device shows offline (its Last Will replaces its presence only: the
+    dashboard keeps its round and what it was doing) and the round completes with the others; started again from
+    its state folder it takes part in the next round."""
     name = "fed-kill"
     watcher, seen = watch(broker, name)
     run = Run(setup, broker, name, rounds=2, batch_sizes=(16, 2, 16))     # dev-1's round takes a while
@@ -255,8 +261,12 @@ def test_a_device_killed_mid_split_training_is_left_out_and_rejoins_after_a_rest
         assert wait_for(lambda: seen.get("dev-1", {}).get("activity") == "split training", 120), run.logs()
         killed_during = seen["dev-1"]["activity"]
         run.devices[1].kill()                 # SIGKILL: no goodbye; the broker publishes its Last Will
-        assert wait_for(lambda: seen["dev-1"]["state"] == "offline", 10), seen["dev-1"]
-        assert seen["dev-1"]["activity"] == "disconnected"
+        assert wait_for(lambda: seen["dev-1"]["presence"] == "offline", 10), seen["dev-1"]
+        assert seen["dev-1"]["cause"] == "lost" and seen["dev-1"]["activity"] == "split training"
+        assert seen["dev-1"]["round"] == 1 and seen["dev-1"]["bytes_received"] > 0, seen["dev-1"]   # the round plan
+        fleet = CliRunner().invoke(cloud_main, ["fleet", "--broker", broker, "--federation", name])
+        line = next(row for row in fleet.output.splitlines() if row.startswith("dev-1 "))
+        assert line.split()[1:4] == ["lost", "split", "training"], fleet.output
         rounds_file = run.folder / "server" / "rounds.jsonl"
         assert wait_for(lambda: rounds_file.exists(), 60), run.logs()
         first = json.loads(rounds_file.read_text().splitlines()[0])
@@ -266,8 +276,8 @@ def test_a_device_killed_mid_split_training_is_left_out_and_rejoins_after_a_rest
                                         "--state", str(run.folder / "device-1")])
         _, second = run.finish(120)
         assert second["participants"] == ["dev-0", "dev-1", "dev-2"], second
-        print(f"dev-1 killed during '{killed_during}': status offline, round 1 aggregated from "
-              f"{first['participants']} in {first['seconds']} s; restarted, it took part in round 2")
+        print(f"dev-1 killed during '{killed_during}': presence offline (lost), its status kept; round 1 "
+              f"aggregated from {first['participants']} in {first['seconds']} s; restarted, it took part in round 2")
     finally:
         run.close()
         watcher.close()
@@ -310,7 +320,7 @@ def test_a_silent_device_is_left_out_and_comes_back(setup, broker):
         assert wait_for(lambda: seen.get("dev-1", {}).get("activity") == "split training", 120), run.logs()
         run.devices[1].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
-        assert wait_for(lambda: seen["dev-1"]["state"] == "offline", 30), seen["dev-1"]
+        assert wait_for(lambda: seen["dev-1"]["presence"] == "offline", 30), seen["dev-1"]
         silent = time.monotonic() - stopped
         assert wait_for(lambda: completed_rounds(run) == [1], 60), run.logs()
         first = json.loads((run.folder / "server" / "rounds.jsonl").read_text().splitlines()[0])
@@ -373,7 +383,7 @@ def test_a_broker_restart_mid_round_is_survived(setup, broker):
         print(f"broker restarted in round 1: rounds {[s['round'] for s in summaries]}, worst relative error "
               f"against the reference {error:.1e}")
         assert error <= 1e-4, run.logs()
-        assert all(s["state"] == "online" for s in retained(run.broker, Topics(name).all_status()).values())
+        assert all(p["state"] == "online" for p in retained(run.broker, Topics(name).all_presence()).values())
     finally:
         watcher.close()
         run.close()

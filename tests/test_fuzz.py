@@ -38,7 +38,7 @@ def server(tmp_path_factory, broker):
                           on_refused=coordinator.link.on_refused)
     device = Link(broker, "dev").connect()
     assert enroll(coordinator, device, "dev").type == "enrolled"
-    device.publish_json(Topics(FED).device_status("dev"), {"device": "dev", "state": "online"}, retain=True)
+    device.publish_json(Topics(FED).device_presence("dev"), {"device": "dev", "state": "online"}, retain=True)
     assert wait_for(lambda: coordinator.online_enrolled() == ["dev"], 5)
     yield coordinator, worker, device
     device.close()
@@ -147,8 +147,8 @@ def test_every_server_topic_refuses_bad_input_and_counts_it(server, broker):
         ("chunks that disagree", up, chunks[0]),
         ("chunks that disagree", up, chunk({"id": "fz.1", "index": 1, "count": len(chunks) + 1,
                                             "total": len(whole)})),
-        ("status not JSON", topics.device_status("dev"), b"\xff\xfe"),
-        ("status not an object", topics.device_status("dev"), b"[1, 2]"),
+        ("presence not JSON", topics.device_presence("dev"), b"\xff\xfe"),
+        ("presence not an object", topics.device_presence("dev"), b"[1, 2]"),
     ]
     expected = len(packets) - 1               # the first of the disagreeing chunks is accepted and waits
     before, before_metric = refusals(coordinator, worker), prometheus_refused(coordinator)
@@ -163,7 +163,7 @@ def test_every_server_topic_refuses_bad_input_and_counts_it(server, broker):
     for needle in ("bad magic", "checksum mismatch", "header is not JSON", "version 99", "unknown message type",
                    "NaN or Inf", "a forward needs float tokens", "no forward is waiting", "round in progress",
                    "does not match the topic", "disagrees with the earlier chunks", "exceeds the limit",
-                   "payload is", "a device status must be a JSON object", "not JSON"):
+                   "payload is", "a device's presence must be a JSON object", "not JSON"):
         assert any(needle in r for r in reasons), (needle, reasons)
 
     # A message whose chunks never all arrive is dropped after the reassembly timeout, with a reason.

@@ -2,7 +2,9 @@
 
     server/status                       retained JSON: the server's state (dashboards read it)
     server/devices                      retained JSON: the enrolled devices, seen or not
-    devices/<device>/status             retained JSON: presence and activity (the device's Last Will: offline)
+    devices/<device>/presence           retained JSON: online or offline (the device's Last Will: offline, lost)
+    devices/<device>/status             retained JSON: what the device last did (activity, round, bytes, last seen);
+                                        never overwritten by the Will, so a crash keeps what was known
     devices/<device>/up/<type>          device -> server: enroll, update, report
     devices/<device>/down/<type>        server -> device: enrolled, refused, round, features, gradient, error
     body/<device>/forward               device -> any body worker (MQTT 5 shared subscription)
@@ -41,6 +43,9 @@ class Topics:
     def device_status(self, device: str) -> str:
         return f"{self.base}/devices/{device}/status"
 
+    def device_presence(self, device: str) -> str:
+        return f"{self.base}/devices/{device}/presence"
+
     def up(self, device: str, kind: str) -> str:
         return f"{self.base}/devices/{device}/up/{kind}"
 
@@ -65,6 +70,9 @@ class Topics:
 
     def all_status(self) -> str:
         return f"{self.base}/devices/+/status"
+
+    def all_presence(self) -> str:
+        return f"{self.base}/devices/+/presence"
 
     def shared_forward(self) -> str:
         return f"$share/{SHARED_GROUP}/{self.base}/body/+/forward"
