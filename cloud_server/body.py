@@ -21,14 +21,16 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from cloud_server.metrics import Metrics
 from export.split import SplitViT
 from wire_protocol.envelope import Message
-from wire_protocol.link import Link
+from wire_protocol.link import BrokerAccess, Link
 from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,9 @@ class BodyWorker:
 
     def __init__(self, link: Link, topics: Topics, compute: BodyCompute, worker_id: str, num_tokens: int,
                  embed_dim: int, max_batch_requests: int = 64, window_s: float = 0.002,
-                 max_kept: int = 4096) -> None:
+                 max_kept: int = 4096, on_samples: Callable[[int], None] | None = None) -> None:
         self.link, self.topics, self.compute, self.worker_id = link, topics, compute, worker_id
+        self.on_samples = on_samples          # samples through each forward batch (the server's metrics)
         self.num_tokens, self.embed_dim = num_tokens, embed_dim
         self.max_batch_requests, self.window_s, self.max_kept = max_batch_requests, window_s, max_kept
         self.queue: queue.Queue[_Request | None] = queue.Queue()
@@ -229,7 +232,10 @@ class BodyWorker:
         self.served[kind] += len(group)
         self.served["batches"] += 1
         if kind == "forward":
-            self.served["samples"] += sum(len(r.tokens) for r in group)
+            samples = sum(len(r.tokens) for r in group)
+            self.served["samples"] += samples
+            if self.on_samples is not None:
+                self.on_samples(samples)
         self._dirty = True
         if time.monotonic() - self._published > 5.0:
             self.publish_status()
@@ -241,3 +247,21 @@ class BodyWorker:
                                {"worker": self.worker_id, "state": state, "device": str(self.compute.device),
                                 **self.served, "refused": dict(self.link.refused),
                                 "updated": round(time.time(), 3)}, retain=True)
+
+
+def start_worker(broker: str, federation: str, model: SplitViT, worker_id: str, torch_device: str, body_dtype: str,
+                 max_packet: int, access: BrokerAccess | None = None, metrics: Metrics | None = None) -> BodyWorker:
+    """A body worker on its own connection, serving until stopped; with `metrics` (a server's), what it refuses
+    and the samples it serves are counted there."""
+    from export.onnx_graphs import image_shape
+    compute = BodyCompute(model, None if torch_device == "auto" else torch_device,
+                          torch.bfloat16 if body_dtype == "bf16" else torch.float32)
+    with torch.no_grad():
+        num_tokens, dim = model.head(torch.zeros(1, *image_shape(model))).shape[1:]
+    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet, access=access,
+                on_refused=None if metrics is None else lambda kind, reason: metrics.refused.labels(kind).inc()
+                ).connect()
+    worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim,
+                        on_samples=None if metrics is None else metrics.body_samples.inc).start()
+    log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
+    return worker

@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import click
@@ -92,27 +91,6 @@ def class_names(classes: str) -> tuple[str, ...]:
     return names
 
 
-def start_worker(broker: str, federation: str, model, worker_id: str, torch_device: str, body_dtype: str,
-                 max_packet: int, access=None, on_refused=None):
-    """A body worker on its own connection, serving until the process ends; `on_refused(kind, reason)` counts
-    what it refuses (the server's Prometheus metrics)."""
-    import torch
-
-    from cloud_server.body import BodyCompute, BodyWorker
-    from export.onnx_graphs import image_shape
-    from wire_protocol.link import Link
-    from wire_protocol.topics import Topics
-    compute = BodyCompute(model, None if torch_device == "auto" else torch_device,
-                          torch.bfloat16 if body_dtype == "bf16" else torch.float32)
-    with torch.no_grad():
-        num_tokens, dim = model.head(torch.zeros(1, *image_shape(model))).shape[1:]
-    link = Link(broker, f"{federation}-body-{worker_id}", max_packet=max_packet, access=access,
-                on_refused=on_refused).connect()
-    worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim).start()
-    log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
-    return worker
-
-
 @click.group()
 def main() -> None:
     """The cloud side of a split federated prompt tuning federation."""
@@ -145,6 +123,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
           **recipe_settings) -> None:
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body. The recipe options default
     to SFPrompt's recipe (sfp_common/recipe.py), the reference federation's."""
+    from cloud_server.body import start_worker
     from cloud_server.coordinator import Coordinator, FederationConfig
     from cloud_server.metrics import Metrics
     from export.split import SplitSpec
@@ -170,7 +149,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
             signal.signal(sig, lambda *_: coordinator.stop.set())
         coordinator.start()
         bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
-                               body_dtype, max_packet, access, coordinator.link.on_refused) for i in range(workers)]
+                               body_dtype, max_packet, access, metrics) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)
         try:
             coordinator.run()
@@ -192,6 +171,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
 def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
            torch_device, body_dtype, ca, username, password_file, worker_id, max_packet, state_dir) -> None:
     """An extra body worker: takes forward requests from the shared subscription until stopped."""
+    from cloud_server.body import start_worker
     from export.backbone import resolve_model
     from export.bundle import client_model
     from export.split import SplitSpec
@@ -244,33 +224,21 @@ def demo(out, model, devices, rounds, alpha, prompts, profile, seed, tls, **reci
               help="The server's state folder, for the CA and service password under its security/.")
 def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> None:
     """Print the fleet's status, as retained in the broker: every enrolled device, seen or not."""
+    from cloud_server.fleet import find_federation, format_fleet, read_retained
     from wire_protocol.link import Link
-    from wire_protocol.topics import ROOT, Topics
+    from wire_protocol.topics import Topics
 
     def job() -> None:
         link = Link(broker, f"fleet-{os.getpid()}",
                     access=broker_access(broker, ca, username, password_file, state_dir)).connect()
         try:
-            name = federation
-            if name is None:
-                servers: dict[str, dict] = {}
-                link.subscribe_json(f"{ROOT}/+/server/status",
-                                    lambda topic, value: servers.__setitem__(topic.split("/")[1], value))
-                time.sleep(wait)
-                if len(servers) != 1:
-                    raise ConfigError("no federation's server status is retained on this broker: is `sfp-cloud "
-                                      "serve` running, and may this account read it? Name one with --federation"
-                                      if not servers else f"federations on this broker: {', '.join(sorted(servers))};"
-                                      " pick one with --federation")
-                name = next(iter(servers))
-            topics, seen = Topics(name), {}
-            link.subscribe_json(f"{topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
-            time.sleep(wait)
+            topics = Topics(federation or find_federation(link, wait))
+            seen = read_retained(link, topics, wait)
         finally:
             link.close()
         if topics.server_status() not in seen:
-            raise ConfigError(f"no server status for federation {name!r} on this broker: is `sfp-cloud serve "
-                              f"--federation {name}` running?")
+            raise ConfigError(f"no server status for federation {topics.federation!r} on this broker: is "
+                              f"`sfp-cloud serve --federation {topics.federation}` running?")
         click.echo(format_fleet(topics, seen))
     run_cli(job)
 
@@ -316,43 +284,6 @@ def token(state_dir, federation, device_id, ttl, broker_reload) -> None:
             raise ConfigError(str(err)) from None
         click.echo(value)
     run_cli(job)
-
-
-def format_fleet(topics, seen: dict) -> str:
-    server = seen.get(topics.server_status(), {})
-    lines = [f"federation {topics.base.split('/', 1)[1]}: server {server.get('state', 'unknown')}, round "
-             f"{server.get('round')}/{server.get('rounds')}, {server.get('enrolled', 0)} enrolled, "
-             f"{server.get('online', 0)} online", "",
-             f"{'device':<16} {'state':<11} {'activity':<15} {'round':>5} {'samples':>7} {'profile':<16} "
-             f"{'MB sent':>8} {'MB recv':>8} {'last seen':>9}"]
-    now = time.time()
-
-    def per_device(leaf: str) -> dict[str, dict]:
-        return {topic.split("/")[-2]: value for topic, value in seen.items()
-                if topic.endswith(f"/{leaf}") and "/devices/" in topic and isinstance(value, dict)}
-    statuses, presences = per_device("status"), per_device("presence")
-    enrolled = seen.get(topics.enrolled(), [])
-    for device in sorted(set(statuses) | set(presences) | set(enrolled if isinstance(enrolled, list) else [])):
-        s, presence = statuses.get(device), presences.get(device, {})
-        if s is None:
-            lines.append(f"{device:<16} {'never seen':<11} {'-':<15} {'-':>5} {'-':>7} {'-':<16} {'-':>8} {'-':>8} "
-                         f"{'-':>9}")
-            continue
-        state = "lost" if presence.get("cause") == "lost" else presence.get("state", "unknown")
-        ago = f"{now - s['last_seen']:.0f}s ago" if s.get("last_seen") else "-"
-        lines.append(f"{device:<16} {state:<11} {s.get('activity', '?'):<15} "
-                     f"{str(s.get('round') or '-'):>5} {s.get('samples', 0):>7} {s.get('profile', '?'):<16} "
-                     f"{s.get('bytes_sent', 0) / 1e6:>8.2f} {s.get('bytes_received', 0) / 1e6:>8.2f} {ago:>9}")
-    rounds = sorted((t, v) for t, v in seen.items() if "/rounds/" in t)
-    if rounds:
-        lines += ["", f"{'round':>5} {'participants':>12} {'accuracy':>8} {'KB up/dev':>10} {'KB down/dev':>11} "
-                      f"{'seconds':>8}"]
-        for _, r in rounds:
-            acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
-            lines.append(f"{r['round']:>5} {len(r.get('participants', [])):>12} {acc:>8} "
-                         f"{r.get('payload_up', 0) / 1e3:>10.1f} {r.get('payload_down', 0) / 1e3:>11.1f} "
-                         f"{r.get('seconds', 0):>8.1f}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ class Coordinator:
         self.link = Link(broker, f"{cfg.federation}-coordinator", max_packet=max_packet,
                          will=(self.topics.server_status(), {**self.status, "state": "offline"}),
                          on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc(), access=access)
+        self.metrics.watch(self.link.traffic)
 
     # ----------------------------------------------------------------------------------------- bundles
     def bundle(self, backend: str) -> tuple[Manifest, bytes]:
@@ -377,10 +378,9 @@ class Coordinator:
         self.registry.save_checkpoint(round_index, self.global_state, summary)    # the round is done from here
         self.link.publish_json(self.topics.round_summary(round_index), summary, retain=True)
         self.metrics.rounds.inc()
-        self.metrics.round_seconds.set(summary["seconds"])
+        self.metrics.round_seconds.observe(summary["seconds"])
         if summary.get("accuracy") is not None:
             self.metrics.accuracy.labels("devices").set(summary["accuracy"])
-        self.metrics.bytes_received.set(self.link.traffic.received)
         self.next_round = round_index + 1
         self.publish_status(state="round done", round=round_index, last_round=summary)
         if self.on_round:

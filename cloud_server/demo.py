@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from cloud_server.broker import LocalBroker, free_port
-from cloud_server.cli import format_fleet
+from cloud_server.fleet import format_fleet, read_retained
 from cloud_server.security import SERVICE, Security, secure
 from sfp_common.datasets import load_dataset, write_device_folder
 from sfp_common.errors import ConfigError
@@ -166,10 +166,7 @@ class LocalFederation:
         self.watcher.subscribe_json(f"{self.topics.base}/rounds/+", lambda topic, value: self.summaries.put(value))
 
     def fleet(self) -> str:
-        seen: dict = {}
-        self.watcher.subscribe_json(f"{self.topics.base}/#", lambda topic, value: seen.__setitem__(topic, value))
-        time.sleep(1.0)
-        return format_fleet(self.topics, seen)
+        return format_fleet(self.topics, read_retained(self.watcher, self.topics, 1.0))
 
     def close(self) -> None:
         for proc in self.procs:

@@ -4,6 +4,7 @@ import io
 import json
 import queue
 import tarfile
+import threading
 import time
 import urllib.request
 import zlib
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from cloud_server.broker import free_port
-from cloud_server.cli import start_worker
+from cloud_server.body import start_worker
 from cloud_server.coordinator import Coordinator, FederationConfig
 from edge_client.agent import install_bundle
 from edge_client.profiles import load_profile
@@ -35,7 +36,7 @@ def server(tmp_path_factory, broker):
                            img_size=16, pretrained=False)
     coordinator = Coordinator(cfg, broker).start()
     worker = start_worker(broker, FED, coordinator.model, WORKER, "cpu", "fp32", 1 << 20,
-                          on_refused=coordinator.link.on_refused)
+                          metrics=coordinator.metrics)      # as `sfp-cloud serve` starts its workers
     device = Link(broker, "dev").connect()
     assert enroll(coordinator, device, "dev").type == "enrolled"
     device.publish_json(Topics(FED).device_presence("dev"), {"device": "dev", "state": "online"}, retain=True)
@@ -216,3 +217,48 @@ def test_a_bundle_that_fails_its_hashes_is_not_installed(server, tmp_path):
     with pytest.raises(BundleError, match="hash|sha256|checksum"):
         install_bundle(out.getvalue(), target)
     assert {p.name: zlib.crc32(p.read_bytes()) for p in target.iterdir() if p.is_file()} == before   # kept
+
+
+def scrape(coordinator) -> dict[str, float]:
+    """The server's /metrics page as {sample name with labels: value}."""
+    prometheus_refused(coordinator)                    # starts the endpoint once
+    text = urllib.request.urlopen(f"http://127.0.0.1:{coordinator._fuzz_port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_prometheus_after_a_real_round_agrees_with_the_round_summaries(server):
+    """Scraped over HTTP after a round that went through the body worker: counters for counts, a histogram for
+    round seconds, byte counters read live; each value against what the round summaries and the wire say."""
+    coordinator, worker, device = server
+    topics, rng = Topics(FED), np.random.default_rng(1)
+    before = scrape(coordinator)
+    features, rounds = queue.Queue(), queue.Queue()
+    device.subscribe(topics.down("dev", "features"), lambda t, m: features.put(m))
+    device.subscribe(topics.down("dev", "round"), lambda t, m: rounds.put(m))
+    tokens = rng.standard_normal((3, worker.num_tokens, worker.embed_dim)).astype(np.float32)
+    device.send(topics.forward("dev"), Message("forward", "dev", 1, 500, {}, {"tokens": tokens}))
+    assert features.get(timeout=30).seq == 500
+    index, done = coordinator.next_round, {}
+    threading.Thread(target=lambda: done.update(coordinator.run_round(index)), daemon=True).start()
+    plan = rounds.get(timeout=30)
+    update = Message("update", "dev", index, plan.seq, {"num_samples": 5},
+                     {k: v + 0.1 for k, v in coordinator.global_state.items()})
+    sent = device.send(topics.up("dev", "update"), update)
+    evaluation = rounds.get(timeout=30)
+    device.send(topics.up("dev", "report"), Message("report", "dev", index, evaluation.seq,
+                                                    meta={"correct": 3, "samples": 4}))
+    assert wait_for(lambda: bool(done), 30)
+    after = scrape(coordinator)
+    summaries = [json.loads(line) for line in (coordinator.cfg.state_dir / "rounds.jsonl").read_text().splitlines()]
+    assert summaries[-1]["round"] == index and summaries[-1]["participants"] == ["dev"]
+    assert after["sfp_rounds_completed_total"] == len(summaries)
+    assert after["sfp_round_seconds_count"] == len(summaries)
+    assert after["sfp_round_seconds_sum"] == pytest.approx(sum(s["seconds"] for s in summaries))
+    assert after['sfp_round_seconds_bucket{le="+Inf"}'] == len(summaries)
+    assert after['sfp_accuracy{source="devices"}'] == summaries[-1]["accuracy"] == 0.75
+    assert after["sfp_updates_accepted_total"] - before.get("sfp_updates_accepted_total", 0) == 1
+    assert after["sfp_body_samples_total"] - before.get("sfp_body_samples_total", 0) == len(tokens)
+    assert after["sfp_bytes_received_total"] - before["sfp_bytes_received_total"] >= sent   # the update came in
+    assert after["sfp_bytes_sent_total"] > before["sfp_bytes_sent_total"]     # the round plan and evaluation
+    assert after["sfp_devices_online"] == 1

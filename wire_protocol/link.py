@@ -110,6 +110,8 @@ class Link:
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, threading.Event] = {}     # mid -> set by its SUBACK
         self.client.on_message = self._on_message
         self._inbox: queue.Queue = queue.Queue(maxsize=32)   # full: the network thread waits (backpressure)
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"{client_id}-dispatch", daemon=True)
@@ -242,13 +244,30 @@ class Link:
             self.on_refused(kind, reason)
 
     def _add(self, topic: str, raw: Callable[[str, bytes], None]) -> None:
-        with self._lock:
+        """Register a handler; once connected, return only when the broker has confirmed the subscription
+        (its SUBACK): retained messages are then on their way and nothing published afterwards is missed."""
+        event = None
+        with self._lock:        # held until the SUBACK's mid is registered: _on_subscribe takes the lock first
             self._handlers.append((topic, raw))
             sub_id = len(self._handlers)
-        if self._connected.is_set():
-            result, _ = self.client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+            if not self._connected.is_set():
+                return          # subscribed by _on_connect
+            result, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
             if result != mqtt.MQTT_ERR_SUCCESS:
                 raise LinkError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
+            # paho's thread delivers the SUBACK, and blocks while the dispatcher's inbox is full: neither may wait
+            if threading.current_thread() not in (getattr(self.client, "_thread", None), self._dispatcher):
+                event = self._subacks[mid] = threading.Event()
+        if event is not None and not event.wait(10.0):
+            with self._lock:
+                self._subacks.pop(mid, None)
+            raise LinkError(f"the broker at {self.host}:{self.port} did not confirm the subscription to {topic}")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            event = self._subacks.pop(mid, None)
+        if event is not None:
+            event.set()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # Each subscription carries an MQTT 5 subscription identifier, and the broker tags each delivery with the

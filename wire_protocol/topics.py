@@ -32,7 +32,8 @@ def check_name(kind: str, name: str) -> str:
 
 class Topics:
     def __init__(self, federation: str) -> None:
-        self.base = f"{ROOT}/{check_name('federation', federation)}"
+        self.federation = check_name("federation", federation)
+        self.base = f"{ROOT}/{self.federation}"
 
     def server_status(self) -> str:
         return f"{self.base}/server/status"
