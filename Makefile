@@ -12,13 +12,11 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup system-packages backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
 
-# Debian packages: the Fashion-MNIST files the backbone is pretrained on, the Mosquitto broker, and openssl (the
-# federation's local CA and the broker's TLS certificate).
+# Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ ! -x /usr/sbin/mosquitto ] \
-			|| ! command -v openssl >/dev/null; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ ! -x /usr/sbin/mosquitto ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto openssl; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto; \
 	fi
 
 $(BIN)/sfp-sim: setup.cfg pyproject.toml

@@ -29,9 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,32 +180,78 @@ class Security:
 
 
 # ---------------------------------------------------------------------------------------------------- TLS
-def _openssl(*args: str, cwd: Path) -> None:
-    try:
-        subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise ConfigError("openssl is not installed (Debian/Ubuntu: apt-get install openssl)") from None
-    except subprocess.CalledProcessError as err:
-        raise ConfigError(f"openssl {args[0]} failed: {err.stderr.strip()}") from None
+def _write_key(path: Path, key) -> None:
+    """A private key, created 0600 (never readable by others, not even between write and chmod)."""
+    from cryptography.hazmat.primitives import serialization
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    write_atomic(path, data, 0o600)
+
+
+def _certificate(subject: str, public_key, issuer, signing_key, days: int, extensions: list):
+    """An X.509 certificate for `subject` (a common name) signed by `signing_key` as `issuer` (an x509.Name)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer)
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def subject_alt_names(hostnames: tuple[str, ...]) -> list:
+    """DNS names and IP addresses (v4 or v6, told apart by `ipaddress`) for the broker certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    names = []
+    for host in hostnames:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
 
 
 def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
-    """A local CA (kept if it exists) and a broker certificate it signs for `hostnames` (DNS names or IPs)."""
+    """A local CA (kept if it exists) and a broker certificate it signs for `hostnames` (DNS names or IPs).
+    P-256 keys, written 0600; nothing else is left in the folder."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "ca.crt").exists():
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=SFPrompt federation CA",
-                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                 cwd=folder)
-    names = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hostnames)
-    (folder / "broker.ext").write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
-                                       "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "broker.key",
-             "-out", "broker.csr", "-subj", f"/CN={hostnames[0]}", cwd=folder)
-    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "broker.crt", "-days", "825", "-extfile", "broker.ext", cwd=folder)
-    for name in ("ca.key", "broker.key"):
-        os.chmod(folder / name, 0o600)
+    if (folder / "ca.crt").exists() and (folder / "ca.key").exists():
+        ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+        ca_name = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()).subject
+    else:
+        ca_name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "SFPrompt federation CA")])
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        usage = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                              encipher_only=False, decipher_only=False)
+        ca = _certificate("SFPrompt federation CA", ca_key.public_key(), ca_name, ca_key, 3650,
+                          [(x509.BasicConstraints(ca=True, path_length=None), True), (usage, True),
+                           (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)])
+        _write_key(folder / "ca.key", ca_key)
+        write_atomic(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    cert = _certificate(hostnames[0], key.public_key(), ca_name, ca_key, 825,
+                        [(x509.SubjectAlternativeName(subject_alt_names(hostnames)), False),
+                         (x509.BasicConstraints(ca=False, path_length=None), True), (usage, True),
+                         (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
+    _write_key(folder / "broker.key", key)
+    write_atomic(folder / "broker.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def listener_config(folder: Path, port: int = 8883, bind: str = "") -> str:

@@ -1,15 +1,22 @@
 """Broker security on a real Mosquitto: TLS against the federation's own CA, accounts and ACLs that confine each
 device to its own topics, and enrollment tokens that work once, for one device, before they expire."""
+import getpass
+import os
 import queue
+import shutil
+import socket
+import subprocess
 import time
 
 import pytest
 
-from cloud_server.broker import LocalBroker
-from cloud_server.security import SERVICE, Security, make_certificates, password_hash, password_matches, secure
+from cryptography.hazmat.primitives import serialization
+
+from cloud_server.broker import LocalBroker, free_port
+from cloud_server.security import SERVICE, Security, make_certificates, password_matches, secure
 from wire_protocol.contracts import enroll_account
 from wire_protocol.envelope import Message
-from wire_protocol.link import BrokerAccess, Link, LinkError
+from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
 from wire_protocol.topics import Topics
 
 FED = "sec"
@@ -33,11 +40,60 @@ def access(secured, user, password) -> BrokerAccess:
     return BrokerAccess(user, password, str(secured["folder"] / "ca.crt"))
 
 
-def test_password_hashes_are_mosquittos_format():
-    stored = password_hash("secret", bytes(range(12)))
-    assert stored.startswith("$7$101$") and password_matches("secret", stored)
-    assert not password_matches("Secret", stored) and not password_matches("secret", "garbage")
-    # The independent check: Mosquitto itself accepts these hashes (every login in this file goes through it).
+def test_mosquitto_itself_accepts_our_password_file_and_we_accept_mosquitto_passwd(tmp_path):
+    """Both directions against Mosquitto's own code: a plain broker started with a password file written by
+    Security lets the right password in and refuses a wrong one; a hash made by `mosquitto_passwd` matches."""
+    folder = tmp_path / "plain"
+    security = Security(folder, FED)
+    password = security.add_device("dev-p")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {folder / 'passwd'}\n"
+                    f"user {getpass.getuser()}\npersistence false\n")
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"mqtt://127.0.0.1:{port}"
+        assert wait_for(lambda: _listening(port), 10)
+        Link(url, "right", access=BrokerAccess("dev-p", password)).connect(timeout=5).close()
+        with pytest.raises(LinkError, match="refused"):
+            Link(url, "wrong", access=BrokerAccess("dev-p", password + "x")).connect(timeout=5)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    theirs = tmp_path / "theirs"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(theirs), "someone", "s3cret"], check=True,
+                   capture_output=True)
+    stored = theirs.read_text().strip().split(":", 1)[1]
+    assert password_matches("s3cret", stored) and not password_matches("S3cret", stored)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_certificates_are_made_in_process_with_private_keys_never_readable(tmp_path):
+    """The CA and the broker certificate from the `cryptography` package: keys 0600 from the start (the umask
+    cannot widen them), nothing left behind, IP and DNS names told apart by `ipaddress` (IPv6 included)."""
+    from cryptography import x509
+    folder = tmp_path / "tls"
+    old = os.umask(0)                   # the most permissive umask: a key written then chmod-ed would show it
+    try:
+        make_certificates(folder, ("broker.example.org", "10.0.0.7", "::1", "localhost"))
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in folder.iterdir()) == ["broker.crt", "broker.key", "ca.crt", "ca.key"]
+    assert {oct(p.stat().st_mode)[-3:] for p in folder.glob("*.key")} == {"600"}
+    cert = x509.load_pem_x509_certificate((folder / "broker.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["broker.example.org", "localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.7", "::1"]
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    make_certificates(folder, ("other.example.org",))           # the CA is kept; a new broker certificate
+    assert (folder / "ca.crt").read_bytes() == ca.public_bytes(serialization.Encoding.PEM)
+    x509.load_pem_x509_certificate((folder / "broker.crt").read_bytes()).verify_directly_issued_by(ca)
 
 
 def test_tls_needs_the_federations_ca_and_an_account(secured, tmp_path):
