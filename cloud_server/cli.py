@@ -249,16 +249,20 @@ def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> N
 @click.option("--hostname", "hostnames", multiple=True, default=("localhost", "127.0.0.1"),
               help="A name or IP address devices reach the broker by (repeat for several).")
 @click.option("--port", default=8883, help="The broker's TLS port.")
-def secure_command(state_dir, federation, hostnames, port) -> None:
+@click.option("--bind", default="", help="The address the listener binds to.  [default: every interface]")
+@click.option("--broker-group", default=None,
+              help="The group the broker runs as, which must read its key, passwd and acl (mode 0640).  [default: "
+                   "mosquitto when run as root and that group exists (Mosquitto started as root drops to it)]")
+def secure_command(state_dir, federation, hostnames, port, bind, broker_group) -> None:
     """TLS certificates, the service account, and the password, ACL and listener files for Mosquitto."""
-    from cloud_server.security import SERVICE, secure
+    from cloud_server.security import SERVICE, default_broker_group, secure
 
     def job() -> None:
         folder = state_dir / "security"
-        secure(folder, federation, tuple(hostnames), port)
+        secure(folder, federation, tuple(hostnames), port, bind, broker_group or default_broker_group())
         click.echo(f"written to {folder}/:\n"
-                   f"  mosquitto.conf  a TLS listener on {port} with passwd and acl: include it in the broker's "
-                   f"configuration\n"
+                   f"  mosquitto.conf  a TLS listener on {bind or 'every interface'}:{port} with passwd and acl: "
+                   f"cp it to /etc/mosquitto/conf.d/sfp.conf (Debian's broker reads that folder) and restart\n"
                    f"  ca.crt          give it to every device (sfp-edge enroll --ca) and body worker (--ca)\n"
                    f"  server.password the '{SERVICE}' account of sfp-cloud serve/worker/fleet (read from here "
                    f"by serve)\n"

@@ -6,8 +6,10 @@ Everything lives in `<state>/security/`:
     broker.crt, broker.key  the broker's TLS certificate, signed by the CA, for the names it is reached by
     accounts.json           the one source of truth: every account, its password hash, its kind, expiry
     passwd, acl             Mosquitto's password file and ACL file, rewritten from accounts.json on each change
-    mosquitto.conf          a listener section that uses all of the above (include it, or start from it)
+    mosquitto.conf          a listener section that uses all of the above (copy it into /etc/mosquitto/conf.d/)
     server.password         the coordinator's and body workers' account password (mode 0600)
+    broker.group            the group the broker runs as (Mosquitto started as root drops to user `mosquitto`):
+                            broker.key, passwd and acl are 0640 in it, so the broker reads them and nobody else
 
 Accounts and what each may touch (everything under `sfp/<federation>/`):
 - `service` (the coordinator, body workers, `sfp-cloud fleet`): all of it.
@@ -15,7 +17,7 @@ Accounts and what each may touch (everything under `sfp/<federation>/`):
   server's status. Its password is the device's enrollment token: single-use (the server marks it used when it
   enrolls the device, and drops the account soon after) and it expires.
 - `<device>` (issued at enrollment, password sent to the device in its `enrolled` reply): publish its own
-  `up/`, `status`, body forward and backward requests; read its own `down/` and the server's status. So a device
+  `up/`, `status`, `presence`, body forward and backward requests; read its own `down/` and the server's status. So a device
   can neither act as another nor read another's replies; the broker enforces it, and the server also drops any
   message whose claimed device id is not the one in its topic.
 
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import grp
 import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from contextlib import contextmanager
@@ -119,10 +123,18 @@ class Security:
 
     def _write(self, accounts: dict) -> None:
         write_atomic(self.folder / "accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n", 0o600)
+        mode, gid = broker_file_access(self.folder)
         write_atomic(self.folder / "passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())),
-                     0o644)
+                     mode, gid)
         write_atomic(self.folder / "acl", "\n".join(line for user, a in sorted(accounts.items())
-                                                   for line in acl_lines(self.topics, user, a)) + "\n", 0o644)
+                                                   for line in acl_lines(self.topics, user, a)) + "\n", mode, gid)
+
+    def rewrite(self) -> None:
+        """Write passwd and acl again from accounts.json (after the broker's group changed)."""
+        with open(self.folder / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.folder / "accounts.json"
+            self._write(json.loads(path.read_text()) if path.exists() else {})
 
     def accounts(self) -> dict:
         with self._accounts() as accounts:
@@ -180,12 +192,34 @@ class Security:
 
 
 # ---------------------------------------------------------------------------------------------------- TLS
-def _write_key(path: Path, key) -> None:
-    """A private key, created 0600 (never readable by others, not even between write and chmod)."""
+def default_broker_group() -> str | None:
+    """`mosquitto` when this runs as root and that group exists (Debian's package: Mosquitto started as root
+    drops to it); otherwise none: the broker runs as whoever runs this."""
+    try:
+        return grp.getgrnam("mosquitto").gr_name if os.geteuid() == 0 else None
+    except KeyError:
+        return None
+
+
+def broker_file_access(folder: Path) -> tuple[int, int | None]:
+    """Mode and group of broker.key, passwd and acl: 0640 in the broker's group when `secure` recorded one,
+    else 0600 (the broker runs as this user)."""
+    marker = folder / "broker.group"
+    if marker.exists():
+        try:
+            return 0o640, grp.getgrnam(marker.read_text().strip()).gr_gid
+        except KeyError:
+            raise ConfigError(f"{marker} names group {marker.read_text().strip()!r}, which does not exist here: "
+                              "run `sfp-cloud secure --broker-group` again") from None
+    return 0o600, None
+
+
+def _write_key(path: Path, key, mode: int = 0o600, group: int | None = None) -> None:
+    """A private key, created with its final mode (never readable by others, not even between write and chmod)."""
     from cryptography.hazmat.primitives import serialization
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    write_atomic(path, data, 0o600)
+    write_atomic(path, data, mode, group)
 
 
 def _certificate(subject: str, public_key, issuer, signing_key, days: int, extensions: list):
@@ -250,12 +284,13 @@ def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost", "
                          (x509.BasicConstraints(ca=False, path_length=None), True), (usage, True),
                          (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
                          (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
-    _write_key(folder / "broker.key", key)
+    _write_key(folder / "broker.key", key, *broker_file_access(folder))
     write_atomic(folder / "broker.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def listener_config(folder: Path, port: int = 8883, bind: str = "") -> str:
-    """A Mosquitto listener section: TLS with the broker certificate, accounts from passwd, ACLs from acl."""
+    """A Mosquitto listener section: TLS with the broker certificate, accounts from passwd, ACLs from acl; on
+    `bind` (an address) or every interface."""
     folder = folder.resolve()
     return "\n".join([f"listener {port} {bind}".rstrip(), f"cafile {folder / 'ca.crt'}",
                       f"certfile {folder / 'broker.crt'}", f"keyfile {folder / 'broker.key'}",
@@ -263,11 +298,22 @@ def listener_config(folder: Path, port: int = 8883, bind: str = "") -> str:
                       f"acl_file {folder / 'acl'}", ""])
 
 
-def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int = 8883) -> str:
-    """Set up a federation's broker security (certificates, the service account, the files Mosquitto reads);
-    returns the service account's password (also kept in server.password)."""
+def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int = 8883, bind: str = "",
+           broker_group: str | None = None) -> str:
+    """Set up a federation's broker security (certificates, the service account, the files Mosquitto reads, in
+    `broker_group` when the broker runs as another user); returns the service account's password (also kept in
+    server.password)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "broker.group"
+    if broker_group:
+        write_atomic(marker, broker_group + "\n", 0o644)
+        broker_file_access(folder)                  # the group exists
+    else:
+        marker.unlink(missing_ok=True)
     make_certificates(folder, hostnames)
-    password = Security(folder, federation).add_service()
+    security = Security(folder, federation)
+    password = security.add_service()
+    security.rewrite()                              # passwd and acl in the broker's group, even if unchanged
     write_atomic(folder / "server.password", password + "\n", 0o600)
-    (folder / "mosquitto.conf").write_text(listener_config(folder, port))
+    (folder / "mosquitto.conf").write_text(listener_config(folder, port, bind))
     return password
