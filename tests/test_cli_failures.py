@@ -11,7 +11,7 @@ from PIL import Image
 
 from cloud_server.broker import LocalBroker, free_port
 from cloud_server.security import Security, secure
-from wire_protocol.link import Link
+from wire_protocol.link import Link, wait_for
 from wire_protocol.topics import Topics
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SFP_LOG": "WARNING"}
@@ -33,6 +33,8 @@ def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     for text in expected:
         assert text in lines[0], lines[0]
+    tool = {"edge_client.cli": "sfp-edge", "cloud_server.cli": "sfp-cloud"}[done.args[2]]
+    print(f"\n| `{tool} {done.args[3]}` | {lines[0]} |")            # the table in the issue notes (pytest -s)
     return lines[0]
 
 
@@ -162,3 +164,32 @@ def test_enrollment_checks_the_images_before_it_connects(data, tmp_path):
     (broken / "train" / "1" / "b.png").unlink()
     one_line_error(enroll(broken, tmp_path, f"mqtt://127.0.0.1:{free_port()}", "--token", "t"),
                    "nothing accepts connections")
+
+
+def test_run_when_the_broker_is_gone_and_before_enrolling(data, tmp_path):
+    """Enrolled for real against a server on its own broker; the broker then stops: `sfp-edge run` says so in
+    one line. And a state folder that holds no enrollment."""
+    one_line_error(run("sfp-edge", "run", "--state", str(tmp_path / "nowhere")), "holds no enrolled device",
+                   "sfp-edge enroll")
+    broker = LocalBroker(log=tmp_path / "broker.log")
+    with broker as url:
+        server = subprocess.Popen([sys.executable, "-m", "cloud_server.cli", "serve", "--broker", url, "--state",
+                                   str(tmp_path / "server"), *TINY_SERVER, "--rounds", "1", "--min-devices", "2"],
+                                  env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            watcher, status = Link(url, "watch-serve").connect(), {}
+            watcher.subscribe_json(Topics(FED).server_status(), lambda topic, value: status.update(value))
+            assert wait_for(lambda: status.get("state") == "waiting for devices" or server.poll() is not None, 120)
+            watcher.close()
+            token = run("sfp-cloud", "token", "--state", str(tmp_path / "server"), "--federation", FED,
+                        "--device", "dev-r")
+            assert token.returncode == 0, token.stderr
+            enrolled = run("sfp-edge", "enroll", "--broker", url, "--data", str(data), "--device-id", "dev-r",
+                           "--federation", FED, "--profile", "x86", "--state", str(tmp_path / "device"),
+                           "--token", token.stdout.strip(), "--timeout", "120")
+            assert enrolled.returncode == 0, enrolled.stderr
+        finally:
+            server.terminate()
+            server.wait(30)
+    one_line_error(run("sfp-edge", "run", "--state", str(tmp_path / "device")), "nothing accepts connections",
+                   "is the broker running")
