@@ -11,12 +11,9 @@ checks and queues. Any message that fails a check is refused with a reason and c
 """
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import secrets
-import shutil
-import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,14 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export.bundle import client_model, export_bundle
+from export.bundle import client_model
 from export.backbone import resolve_model
 from export.split import SplitSpec
-from sfp_common.aggregate import fedavg
-from sfp_common.batching import client_seed
-from sfp_common.bundle import BundleError, Manifest, check_trainables, read_bundle
+from sfp_common.bundle import BundleError, check_trainables
 from sfp_common.errors import ConfigError
 from sfp_common.recipe import Recipe
+from sfp_common.strategy import FedAvgStrategy
+from cloud_server.bundles import BundleService
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
 from cloud_server.security import Security
@@ -64,15 +61,6 @@ class FederationConfig:
     training_python: str | None = None
 
 
-def archive(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=path.relative_to(folder).as_posix())
-    return buffer.getvalue()
-
-
 class Coordinator:
     def __init__(self, cfg: FederationConfig, broker: str, metrics: Metrics | None = None,
                  on_round: Callable[[dict], None] | None = None, max_packet: int = 1 << 20,
@@ -84,20 +72,22 @@ class Coordinator:
         self.topics = Topics(cfg.federation)
         self.security = Security(cfg.state_dir / "security", cfg.federation, reload=reload_broker)
         self.registry = Registry(cfg.state_dir)
+        self.strategy = FedAvgStrategy(cfg.recipe, cfg.seed, cfg.fraction)     # the reference federation's, too
         source = resolve_model(cfg.model)
         self.model_id = source.label
         self.model, self.preprocessing = client_model(source, len(cfg.classes), cfg.split, cfg.img_size,
                                                       cfg.pretrained, cfg.seed)
-        self.bundles: dict[str, tuple[Manifest, bytes]] = {}
+        self.bundles = BundleService(cfg.state_dir / "bundles", self.model, self.preprocessing, self.model_id,
+                                     cfg.split, cfg.recipe.optimizer, cfg.training_python)
         for backend in cfg.backends:
-            self.bundle(backend)
+            self.bundles.get(backend)
         resumed = self.registry.load_checkpoint()
         self.next_round = 1
         self.global_state = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()
-                             if n in self.manifest().trainable_names()}
+                             if n in self.bundles.manifest().trainable_names()}
         if resumed is not None:
             done, state = resumed
-            check_trainables(self.manifest(), state, "the checkpoint")
+            check_trainables(self.bundles.manifest(), state, "the checkpoint")
             self.next_round, self.global_state = done + 1, state
             log.info("resuming after round %d", done)
         self.online: dict[str, dict] = {}
@@ -113,38 +103,6 @@ class Coordinator:
                          will=(self.topics.server_status(), {**self.status, "state": "offline"}),
                          on_refused=lambda kind, reason: self.metrics.refused.labels(kind).inc(), access=access)
         self.metrics.watch(self.link.traffic)
-
-    # ----------------------------------------------------------------------------------------- bundles
-    def bundle(self, backend: str) -> tuple[Manifest, bytes]:
-        """The checked bundle for a backend (exported once into the state folder) and its archive."""
-        if backend not in self.bundles:
-            folder = self.cfg.state_dir / "bundles" / backend
-            try:
-                manifest = read_bundle(folder) if folder.exists() else None
-            except BundleError:
-                manifest = None
-            if manifest is not None and not self._fits(manifest):
-                log.info("the %s bundle in %s was made for another configuration", backend, folder)
-                manifest = None
-            if manifest is None:
-                log.info("exporting the %s bundle (checked against PyTorch)", backend)
-                shutil.rmtree(folder, ignore_errors=True)
-                manifest, _ = export_bundle(self.model, self.preprocessing, folder, self.model_id,
-                                            self.cfg.recipe.optimizer, backend=backend,
-                                            training_python=self.cfg.training_python)
-            self.bundles[backend] = (manifest, archive(folder))
-        return self.bundles[backend]
-
-    def _fits(self, manifest: Manifest) -> bool:
-        """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
-        split, params = self.cfg.split, dict(self.model.named_parameters())
-        return (manifest.model_id == self.model_id and manifest.optimizer == self.cfg.recipe.optimizer
-                and (manifest.prompts, manifest.head_blocks, manifest.tail_blocks) == (
-                    split.prompts, split.head_blocks, split.tail_blocks)
-                and all(t.name in params and tuple(params[t.name].shape) == t.shape for t in manifest.trainables))
-
-    def manifest(self) -> Manifest:
-        return next(iter(self.bundles.values()))[0] if self.bundles else self.bundle("portable")[0]
 
     # ----------------------------------------------------------------------------------------- MQTT thread
     def start(self) -> Coordinator:
@@ -246,7 +204,7 @@ class Coordinator:
             self._refuse_enrollment(device, f"profile {profile.name} runs at most {profile.max_head_blocks} head "
                                     f"blocks; this federation's split needs {self.cfg.split.head_blocks}")
             return
-        _, data = self.bundle(profile.backend)
+        _, data = self.bundles.get(profile.backend)
         entry = self.registry.enroll(device, profile.as_dict(), dict(meta.get("hardware", {})), num_samples,
                                      profile.backend)
         password = self.security.add_device(device)     # the device's own broker account, told to it once
@@ -261,16 +219,10 @@ class Coordinator:
 
     # ----------------------------------------------------------------------------------------- rounds
     def plan(self, device: str, round_index: int) -> RoundPlan:
-        """The federation's recipe with the device's own batch size and wire precision (its profile's)."""
+        """The strategy's plan with the device's own batch size and wire precision (its profile's)."""
         entry = self.registry.get(device)
-        recipe = self.cfg.recipe.but(batch_size=int(entry.profile["batch_size"]), wire=str(entry.profile["wire"]))
-        return RoundPlan(recipe, client_seed(self.cfg.seed, round_index, entry.index))
-
-    def select(self, round_index: int) -> list[str]:
-        online = self.online_enrolled()
-        count = max(1, round(self.cfg.fraction * len(online)))
-        rng = np.random.default_rng([self.cfg.seed, round_index])
-        return sorted(rng.choice(online, size=min(count, len(online)), replace=False).tolist())
+        return self.strategy.plan(round_index, entry.index, int(entry.profile["batch_size"]),
+                                  str(entry.profile["wire"]))
 
     def run(self) -> None:
         """Rounds until the configured number is done or `stop` is set."""
@@ -321,7 +273,7 @@ class Coordinator:
         """What a device claims, bounded by what the server knows: an update's FedAvg weight by the sample count it
         enrolled with (one device must not dominate the average by claiming more), a report's counts by each other."""
         if message.type == "update":
-            check_trainables(self.manifest(), message.tensors, f"update from {message.device}")
+            check_trainables(self.bundles.manifest(), message.tensors, f"update from {message.device}")
             claimed, enrolled = int(message.meta["num_samples"]), self.registry.get(message.device).num_samples
             if not 1 <= claimed <= enrolled:
                 raise ValueError(f"{message.device} claims {claimed} training samples; it enrolled with {enrolled}")
@@ -343,7 +295,7 @@ class Coordinator:
             self.round_in_progress = None
 
     def _run_round(self, round_index: int, attempt: int, start: float) -> dict:
-        selected = self.select(round_index)
+        selected = self.strategy.select(self.online_enrolled(), round_index)
         self.publish_status(state="training", round=round_index, participants=selected)
         for device in selected:
             plan = self.plan(device, round_index)
@@ -365,7 +317,8 @@ class Coordinator:
             self.stop.wait(1.0)
             return summary
         ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
-        self.global_state = fedavg([m.tensors for m in ordered], [int(m.meta["num_samples"]) for m in ordered])
+        self.global_state = self.strategy.aggregate([m.tensors for m in ordered],
+                                                    [int(m.meta["num_samples"]) for m in ordered])
         self.metrics.updates.inc(len(ordered))
         summary.update(
             train_loss=float(np.mean([m.meta.get("loss", np.nan) for m in ordered])),
@@ -395,10 +348,7 @@ class Coordinator:
                 "round", device, round_index, attempt, meta={"train": False}, tensors=self.global_state))
         reports = self._collect(set(devices), round_index, attempt, "report",
                                 time.monotonic() + self.cfg.round_deadline_s)
-        correct = sum(int(m.meta.get("correct", 0)) for m in reports.values())
-        samples = sum(int(m.meta.get("samples", 0)) for m in reports.values())
-        return {"accuracy": correct / samples if samples else None, "evaluated_on": samples,
-                "evaluated_by": sorted(reports)}
+        return {**self.strategy.evaluation([m.meta for m in reports.values()]), "evaluated_by": sorted(reports)}
 
     def close(self) -> None:
         self.stop.set()

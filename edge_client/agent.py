@@ -11,14 +11,12 @@ tail, sample counts and accuracies.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import platform
 import queue
 import shutil
-import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +27,7 @@ from edge_client.memory import DeviceMemory
 from edge_client.remote_body import RemoteBody, RoundAborted
 from edge_client.round import run_round
 from edge_client.runtime import ClientRuntime, open_runtime
-from sfp_common.bundle import BundleError, read_bundle
+from sfp_common.bundle import BundleError, install_bundle
 from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
 from sfp_common.files import write_atomic
@@ -186,22 +184,6 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
                           list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file))
     config.save(state)
     return config
-
-
-def install_bundle(archive: bytes, target: Path) -> None:
-    """Unpack a bundle archive next to `target`, verify every hash, then swap it in."""
-    staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            tar.extractall(staging, filter="data")
-        read_bundle(staging)
-    except (tarfile.TarError, OSError, BundleError) as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BundleError(f"the bundle received is not valid: {err}") from None
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
 
 
 class DeviceAgent:

@@ -8,8 +8,11 @@ device (no PyTorch): this module is the contract between the two and imports nei
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import shutil
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,3 +208,33 @@ def check_trainables(manifest: Manifest, tensors: dict[str, np.ndarray], what: s
                               f"{spec.dtype}{list(spec.shape)}")
         if not np.isfinite(value).all():
             raise BundleError(f"{what}: {name} holds NaN or Inf")
+
+
+# ------------------------------------------------------------------------------------------ the archive on the wire
+def pack_bundle(folder: str | Path) -> bytes:
+    """A bundle folder as the gzipped tar sent to a device in its enrollment reply (sorted: same folder, same
+    bytes)."""
+    folder, buffer = Path(folder), io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def install_bundle(archive: bytes, target: Path) -> Manifest:
+    """Unpack an archive beside `target`, verify every hash, then swap it in; a bad one leaves `target` as it was."""
+    target = Path(target)
+    staging = target.with_name(target.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        manifest = read_bundle(staging)
+    except (tarfile.TarError, OSError, BundleError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BundleError(f"the bundle received is not valid: {err}") from None
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return manifest

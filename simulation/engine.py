@@ -16,14 +16,13 @@ from tqdm import tqdm
 
 from export.backbone import create_vit, preprocessing_of, resolve_model
 from export.split import SplitSpec, SplitViT
-from sfp_common.aggregate import fedavg
-from sfp_common.batching import client_seed
 from sfp_common.datasets import load_dataset
 from sfp_common.errors import ConfigError
 from sfp_common.partition import partition, split_local_test
 from sfp_common.preprocess import preprocess
 from sfp_common.pruning import SampleMemory
 from sfp_common.recipe import Recipe
+from sfp_common.strategy import FedAvgStrategy
 from simulation.counting import count_client_round
 from simulation.methods import TRAFFIC_VARIANTS, ClientData, Method, client_round, get_method, named_params
 
@@ -54,8 +53,6 @@ class SimConfig:
             raise ConfigError(f"clients and rounds must be >= 1, got {self.clients} and {self.rounds}")
         if self.alpha is not None and not 0.0 < self.alpha < float("inf"):
             raise ConfigError(f"alpha must be > 0 (omit it for IID), got {self.alpha}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"client fraction must be in (0, 1], got {self.fraction}")
         if self.traffic not in TRAFFIC_VARIANTS:
             raise ConfigError(f"unknown traffic variant {self.traffic!r}; choose ours or paper")
         if self.train_samples is not None and self.train_samples < 1:
@@ -95,6 +92,7 @@ class Federation:
         self.method: Method = get_method(cfg.method)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
+        self.strategy = FedAvgStrategy(cfg.recipe, cfg.seed, cfg.fraction)    # the server's policy, too
         data = load_dataset(cfg.dataset)
         train_set = data.train
         if cfg.train_samples is not None and cfg.train_samples < len(train_set):
@@ -139,10 +137,6 @@ class Federation:
                 memory=SampleMemory.shaped_like(*key), traffic=self.cfg.traffic).flops
         return self._flops[key]
 
-    def sample_clients(self) -> list[int]:
-        count = max(1, round(self.cfg.fraction * self.cfg.clients))
-        return sorted(self.rng.choice(self.cfg.clients, size=count, replace=False).tolist())
-
     def evaluate(self) -> tuple[float, float]:
         """Central test accuracy, and the mean of the clients' local test accuracies, of the global model."""
         central = accuracy(self.model, self.x_test, self.y_test)
@@ -153,14 +147,15 @@ class Federation:
         start = time.time()
         global_client = state_of(self.client_params)
         global_server = state_of(self.server_params)
-        selected = self.sample_clients()
+        selected = self.strategy.select(range(self.cfg.clients), round_index)
         uploads, server_states, counts, meters, kept, losses = [], [], [], [], [], []
         for client in tqdm(selected, desc=f"round {round_index}", leave=False, disable=not progress):
             load_state(self.client_params, global_client)
             load_state(self.server_params, global_server)
-            rng = np.random.default_rng(client_seed(self.cfg.seed, round_index, client))
+            plan = self.strategy.plan(round_index, client)
             flops = self.client_flops(self.memories[client])
-            result = client_round(self.model, self.method, self.cfg.recipe, self.clients[client], rng,
+            result = client_round(self.model, self.method, plan.recipe, self.clients[client],
+                                  np.random.default_rng(plan.seed),
                                   self.memories[client], self.cfg.traffic, count_flops=False)
             result.meter.flops = flops
             uploads.append({name: t.numpy() for name, t in result.upload.items()})
@@ -169,9 +164,9 @@ class Federation:
             meters.append(result.meter)
             kept.append(result.kept)
             losses.append(float(result.loss_sum) / max(1, result.kept))
-        load_state(self.client_params, fedavg(uploads, counts))
+        load_state(self.client_params, self.strategy.aggregate(uploads, counts))
         if self.server_params:
-            load_state(self.server_params, fedavg(server_states, counts))
+            load_state(self.server_params, self.strategy.aggregate(server_states, counts))
         central, local = self.evaluate()
         return {
             "round": round_index,

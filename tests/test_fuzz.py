@@ -15,10 +15,9 @@ import pytest
 from cloud_server.broker import free_port
 from cloud_server.body import start_worker
 from cloud_server.coordinator import Coordinator, FederationConfig
-from edge_client.agent import install_bundle
 from edge_client.profiles import load_profile
 from export.split import SplitSpec
-from sfp_common.bundle import BundleError
+from sfp_common.bundle import BundleError, install_bundle
 from wire_protocol.chunking import CHUNK_MAGIC, PREFIX as CHUNK_PREFIX, split
 from wire_protocol.envelope import PREFIX, Message, pack
 from wire_protocol.link import Link, wait_for
@@ -199,7 +198,7 @@ def prometheus_refused(coordinator) -> float:
 def test_a_bundle_that_fails_its_hashes_is_not_installed(server, tmp_path):
     """A device verifies every file of the bundle it receives against the manifest's hashes."""
     coordinator, _, _ = server
-    _, archive = coordinator.bundle("portable")
+    _, archive = coordinator.bundles.get("portable")
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     onnx = next(name for name in members if name.endswith(".onnx"))

@@ -1,0 +1,55 @@
+"""The device bundles a federation hands out: exported once per backend into the state folder (checked against
+PyTorch by the exporter), kept across restarts while they fit the federation's cut, and packed for the wire."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from export.bundle import export_bundle
+from export.split import SplitSpec
+from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, pack_bundle, read_bundle
+from sfp_common.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+class BundleService:
+    def __init__(self, folder: Path, model: torch.nn.Module, preprocessing: Preprocessing, model_id: str,
+                 split: SplitSpec, optimizer: OptimizerSpec, training_python: str | None = None) -> None:
+        self.folder, self.model, self.preprocessing, self.model_id = Path(folder), model, preprocessing, model_id
+        self.split, self.optimizer, self.training_python = split, optimizer, training_python
+        self._bundles: dict[str, tuple[Manifest, bytes]] = {}
+
+    def get(self, backend: str) -> tuple[Manifest, bytes]:
+        """The checked bundle for a backend and its archive; exported on first use unless a fitting one is kept."""
+        if backend not in self._bundles:
+            folder = self.folder / backend
+            try:
+                manifest = read_bundle(folder) if folder.exists() else None
+            except BundleError:
+                manifest = None
+            if manifest is not None and not self.fits(manifest):
+                log.info("the %s bundle in %s was made for another configuration", backend, folder)
+                manifest = None
+            if manifest is None:
+                log.info("exporting the %s bundle (checked against PyTorch)", backend)
+                shutil.rmtree(folder, ignore_errors=True)
+                manifest, _ = export_bundle(self.model, self.preprocessing, folder, self.model_id, self.optimizer,
+                                            backend=backend, training_python=self.training_python)
+            self._bundles[backend] = (manifest, pack_bundle(folder))
+        return self._bundles[backend]
+
+    def fits(self, manifest: Manifest) -> bool:
+        """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
+        params = dict(self.model.named_parameters())
+        return (manifest.model_id == self.model_id and manifest.optimizer == self.optimizer
+                and (manifest.prompts, manifest.head_blocks, manifest.tail_blocks) == (
+                    self.split.prompts, self.split.head_blocks, self.split.tail_blocks)
+                and all(t.name in params and tuple(params[t.name].shape) == t.shape for t in manifest.trainables))
+
+    def manifest(self) -> Manifest:
+        """The federation's trainables and shapes (the same in every backend's bundle)."""
+        return next(iter(self._bundles.values()))[0] if self._bundles else self.get("portable")[0]
