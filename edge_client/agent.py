@@ -1,189 +1,33 @@
-"""A device in the federation: enrollment (the bundle arrives over MQTT and is verified), then rounds until
-stopped, with its status retained in the broker for any dashboard.
-
-The device's state folder holds `device.json` (who it is, where the broker is, its profile and data folder),
-`bundle/` (the verified client bundle), and for a secured broker `credentials.json` (its own broker account,
-issued at enrollment; mode 0600) and `ca.crt`, and `memory.npz` (what the device remembers of its own samples
-between rounds: scores and cached body features, edge_client/memory.py). That is all a restart needs: the global
-state comes with every round.
+"""A device in the federation once enrolled (edge_client/enrollment.py): rounds until stopped, with its presence
+and status retained in the broker for any dashboard; restartable from its state folder (edge_client/device_state.py).
 Images and labels never leave the device; what goes up is smashed tokens, dL/dfeatures, the trained prompts and
 tail, sample counts and accuracies.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import queue
-import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_client.device_state import BUNDLE, DeviceConfig
 from edge_client.memory import DeviceMemory
 from edge_client.remote_body import RemoteBody, RoundAborted
 from edge_client.round import run_round
 from edge_client.runtime import ClientRuntime, open_runtime
-from sfp_common.bundle import BundleError, install_bundle
+from sfp_common.bundle import BundleError
 from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
-from sfp_common.files import write_atomic
 from sfp_common.preprocess import preprocess
 from wire_protocol.codec import encoded_bytes
-from wire_protocol.contracts import Profile, RoundPlan, enroll_account
+from wire_protocol.contracts import RoundPlan
 from wire_protocol.envelope import Message
-from wire_protocol.link import BrokerAccess, Link, LinkError
-from wire_protocol.topics import Topics, check_name
+from wire_protocol.link import Link, LinkError
+from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
-CONFIG = "device.json"
-BUNDLE = "bundle"
-CREDENTIALS = "credentials.json"
-CA = "ca.crt"
-
-
-@dataclass
-class DeviceConfig:
-    federation: str
-    device: str
-    broker: str
-    profile: dict
-    data: str
-    classes: list[str]
-    num_samples: int
-    tls_ca: bool = False            # the broker's CA is the state folder's ca.crt
-
-    @property
-    def settings(self) -> Profile:
-        return Profile(**{**self.profile, "providers": tuple(self.profile["providers"])})
-
-    def save(self, state: Path) -> None:
-        write_atomic(state / CONFIG, json.dumps(asdict(self), indent=2) + "\n", 0o644)
-
-    @classmethod
-    def load(cls, state: Path) -> DeviceConfig:
-        try:
-            return cls(**json.loads((state / CONFIG).read_text()))
-        except FileNotFoundError:
-            raise ConfigError(f"{state} holds no enrolled device: run `sfp-edge enroll` first") from None
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{state / CONFIG} is malformed: {err}") from None
-
-    def access(self, state: Path) -> BrokerAccess:
-        """This device's own broker account (none on an open broker) and CA."""
-        ca = str(state / CA) if self.tls_ca else None
-        try:
-            credentials = json.loads((state / CREDENTIALS).read_text())
-            return BrokerAccess(str(credentials["username"]), str(credentials["password"]), ca)
-        except FileNotFoundError:
-            return BrokerAccess(None, None, ca)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{state / CREDENTIALS} is malformed: {err}") from None
-
-
-def hardware_facts() -> dict[str, Any]:
-    """What the server may know about the device (never its data)."""
-    facts: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
-                             "python": platform.python_version()}
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        facts["memory_mb"] = int(pages * size / 2**20)
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        import onnxruntime
-        facts["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return facts
-
-
-def check_device_folder(data: str) -> tuple[int, list[str]]:
-    """Decode every training and test image once, before anything is sent (an enrollment token works once): the
-    sample count the server registers is what the device will train on, and the class folders that hold images."""
-    names = sorted(p.name for p in (Path(data) / "train").iterdir()
-                   if p.is_dir() and not p.name.startswith(".")) if (Path(data) / "train").is_dir() else []
-    test = Path(data) / "test"
-    if test.is_dir():
-        names = sorted(set(names) | {p.name for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")})
-    folder = load_device_folder(data, names)
-    present = sorted({names[int(y)] for y in folder.train.labels})
-    return len(folder.train), present
-
-
-def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, device: str, federation: str,
-           timeout: float = 300.0, ca_file: str | None = None) -> DeviceConfig:
-    """Register with the server (as the one-off account its token opens), receive and verify the bundle and its
-    own broker account, and keep them in `state`."""
-    check_name("device", device)
-    topics = Topics(federation)
-    num_samples, classes = check_device_folder(data)
-    replies: queue.Queue[Message] = queue.Queue()
-    server: dict[str, Any] = {}
-    access = BrokerAccess(enroll_account(device), token, ca_file)
-    request = Message("enroll", device, meta={"token": token, "profile": profile.as_dict(),
-                                              "hardware": hardware_facts(), "num_samples": num_samples,
-                                              "classes": classes})
-
-    def connect() -> Link:
-        server.clear()
-        try:
-            link = Link(broker, f"{device}-enroll", max_packet=profile.max_packet, access=access).connect(
-                timeout=min(15.0, timeout))
-        except LinkError as err:
-            if err.refused:
-                raise ConfigError(f"the broker refused this device's enrollment account {enroll_account(device)}: "
-                                  "the token is wrong, already used, expired or another device's; ask the operator "
-                                  f"for a new one (`sfp-cloud token --device {device}`)") from None
-            raise
-        link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
-        link.subscribe_json(topics.server_status(), lambda topic, value: server.update(value))
-        return link
-
-    link = connect()
-    try:
-        deadline, sent = time.monotonic() + timeout, None
-        while True:
-            # Ask once the server's retained status says it is up. No answer in 15 s (a server that was still
-            # starting or restarted never saw the request; a broker that had not yet loaded this account's
-            # permissions dropped it): ask again on a fresh connection. The token works once, so a second
-            # request the server does see is refused, after the first one's answer.
-            if sent is not None and time.monotonic() - sent > 15:
-                link.close()
-                link, sent = connect(), None
-            if server.get("state") in ("finished", "stopped"):
-                raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
-            if server.get("state") not in (None, "offline", "starting") and sent is None:
-                link.send(topics.up(device, "enroll"), request)
-                sent = time.monotonic()
-            try:
-                reply = replies.get(timeout=0.5)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"no answer to the enrollment within {timeout:.0f} s: is `sfp-cloud serve` "
-                                      f"running for federation {federation!r}?") from None
-                continue
-            if reply.type == "refused":
-                raise ConfigError(f"enrollment refused: {reply.meta.get('reason')}")
-            if reply.type == "enrolled":
-                break
-    finally:
-        link.close()
-    state.mkdir(parents=True, exist_ok=True)
-    install_bundle(bytes(reply.tensors["bundle"]), state / BUNDLE)
-    credentials = reply.meta.get("credentials")
-    if not isinstance(credentials, dict) or not {"username", "password"} <= set(credentials):
-        raise ConfigError("the server's enrollment reply carries no broker account for this device")
-    write_atomic(state / CREDENTIALS, json.dumps(credentials) + "\n", 0o600)
-    if ca_file:
-        shutil.copyfile(ca_file, state / CA)
-    config = DeviceConfig(federation, device, broker, profile.as_dict(), str(Path(data).resolve()),
-                          list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file))
-    config.save(state)
-    return config
 
 
 class DeviceAgent:

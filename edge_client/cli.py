@@ -39,7 +39,7 @@ def main() -> None:
 @state_option
 def enroll(broker, token, ca, profile, data, federation, device_id, timeout, state) -> None:
     """Register this device and receive its client bundle."""
-    from edge_client.agent import enroll as do_enroll
+    from edge_client.enrollment import enroll as do_enroll
     from edge_client.profiles import load_profile
 
     def job() -> None:
@@ -75,7 +75,7 @@ def run(state, round_timeout) -> None:
 @state_option
 def status(state) -> None:
     """This device's enrollment, profile and bundle."""
-    from edge_client.agent import BUNDLE, DeviceConfig
+    from edge_client.device_state import BUNDLE, DeviceConfig
     from sfp_common.bundle import read_bundle
 
     def job() -> None:
