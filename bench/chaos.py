@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.device_step import machine_facts  # noqa: E402
 from cloud_server.demo import LocalFederation  # noqa: E402
-from export.split import SplitSpec  # noqa: E402
+from sfp_common.split_spec import SplitSpec  # noqa: E402
 from sfp_common.datasets import write_device_folder  # noqa: E402
 from simulation.engine import Federation, SimConfig, load_state  # noqa: E402
 from sfp_common.recipe import Recipe  # noqa: E402

@@ -41,7 +41,8 @@ def measure(method_name: str, model: str, batch: int, traffic: str = "ours", ste
     import torch.nn.functional as F
 
     from export.backbone import create_vit, resolve_model
-    from export.split import SplitSpec, SplitViT
+    from export.split import SplitViT
+    from sfp_common.split_spec import SplitSpec
     from simulation.methods import get_method, make_optimizer, named_params
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.client_memory import measure_in_fresh_process  # noqa: E402
-from export.split import SplitSpec  # noqa: E402
+from sfp_common.split_spec import SplitSpec  # noqa: E402
 from sfp_common.cli import run_cli  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402
 from simulation.central import adaptation_of  # noqa: E402

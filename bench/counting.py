@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.device_step import machine_facts  # noqa: E402
 from export.backbone import resolve_model  # noqa: E402
-from export.split import SplitSpec  # noqa: E402
+from sfp_common.split_spec import SplitSpec  # noqa: E402
 from simulation.counting import count_client_round  # noqa: E402
 from simulation.methods import get_method  # noqa: E402
 

@@ -85,7 +85,7 @@ def worker_pytorch(model_name: str, batch: int, reps: int) -> dict:
     torch.set_num_threads(1)
     from export.backbone import ModelSource
     from export.bundle import client_model
-    from export.split import SplitSpec
+    from sfp_common.split_spec import SplitSpec
     model, prep = client_model(ModelSource(model_name), CLASSES, SplitSpec(PROMPTS), pretrained=False)
     model.set_trainable(("prompts", "tail"))
     params = [p for p in model.parameters() if p.requires_grad]

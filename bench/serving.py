@@ -44,7 +44,7 @@ def body(model_name: str, body_dtype: str):
     from export.backbone import ModelSource
     from export.bundle import client_model
     from export.onnx_graphs import image_shape
-    from export.split import SplitSpec
+    from sfp_common.split_spec import SplitSpec
     model, _ = client_model(ModelSource(model_name), CLASSES, SplitSpec(PROMPTS), pretrained=False)
     compute = BodyCompute(model, dtype=torch.bfloat16 if body_dtype == "bf16" else torch.float32)
     with torch.no_grad():

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare import Run, load_results, run_one, run_path, summary_rows  # noqa: E402
 from bench.device_step import machine_facts  # noqa: E402
 from export.backbone import resolve_model  # noqa: E402
-from export.split import SplitSpec  # noqa: E402
+from sfp_common.split_spec import SplitSpec  # noqa: E402
 from edge_client.profiles import available, load_profile  # noqa: E402
 from sfp_common.cli import run_cli  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402

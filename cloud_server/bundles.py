@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from export.bundle import export_bundle
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, pack_bundle, read_bundle
 from sfp_common.preprocess import Preprocessing
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from cloud_server.config import FederationConfig
 from export.cli import split_options
 from sfp_common.cli import configure_logging, recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
@@ -22,7 +23,8 @@ log = logging.getLogger("sfp-cloud")
 
 
 def model_options(f):
-    f = click.option("--seed", default=0, help="Seeds the prompts and classifier, and the rounds' batch orders.")(f)
+    f = click.option("--seed", default=FederationConfig.default("seed"),
+                     help="Seeds the prompts and classifier, and the rounds' batch orders.")(f)
     f = click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")(f)
     f = click.option("--img-size", type=int, default=None, help="Input size, if not the model's own.")(f)
     f = click.option("--classes", required=True,
@@ -91,6 +93,51 @@ def class_names(classes: str) -> tuple[str, ...]:
     return names
 
 
+def federation_config(federation: str, state_dir: Path, model: str, classes: str, prompts: int, head_blocks: int,
+                      tail_blocks: int, img_size: int | None, random_init: bool, seed: int, rounds: int,
+                      fraction: float, min_devices: int, deadline: float, no_device_eval: bool, backends: str,
+                      training_python: str | None, **recipe_settings) -> FederationConfig:
+    """`serve`'s options as the one typed configuration."""
+    from sfp_common.recipe import Recipe
+    from sfp_common.split_spec import SplitSpec
+    return FederationConfig(
+        federation=federation, model=model, classes=class_names(classes), state_dir=state_dir,
+        split=SplitSpec(prompts, head_blocks, tail_blocks), recipe=recipe_from_options(Recipe(), **recipe_settings),
+        img_size=img_size, pretrained=not random_init, seed=seed, rounds=rounds, fraction=fraction,
+        min_devices=min_devices, round_deadline_s=deadline, evaluate_on_devices=not no_device_eval,
+        backends=tuple(b for b in backends.split(",") if b), training_python=training_python)
+
+
+def config_file_option(f):
+    """--config FILE.toml: settings named as the command's options (`min-devices = 5` or `min_devices = 5`),
+    read before the command line, which wins; an unknown name is refused."""
+    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is None:
+            return
+        try:
+            import tomllib
+        except ModuleNotFoundError:          # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(Path(value).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise click.BadParameter(f"cannot read {value}: {err}", ctx, param) from None
+        names = {}
+        for p in ctx.command.params:
+            names[p.name] = p.name
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    names[opt[2:].replace("-", "_")] = p.name
+        unknown = sorted(k for k in data if k.replace("-", "_") not in names or k == "config")
+        if unknown:
+            raise click.BadParameter(f"{value} names no such setting: {', '.join(unknown)} (the settings are "
+                                     f"the options of `{ctx.command_path} --help`)", ctx, param)
+        ctx.default_map = {**(ctx.default_map or {}), **{names[k.replace("-", "_")]: v for k, v in data.items()}}
+    return click.option("--config", type=click.Path(dir_okay=False, exists=True), is_eager=True, expose_value=False,
+                        callback=load, help="A TOML file of settings, named as these options (rounds = 20, "
+                                            "min-devices = 5); the command line wins.")(f)
+
+
 @click.group()
 def main() -> None:
     """The cloud side of a split federated prompt tuning federation."""
@@ -105,38 +152,33 @@ def main() -> None:
               help="A command that makes the broker re-read its accounts (run after each enrollment).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Registry, bundles, checkpoints and round summaries (resumed from on restart).")
-@click.option("--rounds", default=5)
+@click.option("--rounds", default=FederationConfig.default("rounds"))
 @recipe_options
-@click.option("--fraction", type=float, default=1.0, help="Share of the online devices selected per round.")
-@click.option("--min-devices", default=1, help="Devices online before a round starts.")
-@click.option("--deadline", type=float, default=600.0, help="Seconds a round waits for its devices.")
+@click.option("--fraction", type=float, default=FederationConfig.default("fraction"),
+              help="Share of the online devices selected per round.")
+@click.option("--min-devices", default=FederationConfig.default("min_devices"),
+              help="Devices online before a round starts.")
+@click.option("--deadline", type=float, default=FederationConfig.default("round_deadline_s"),
+              help="Seconds a round waits for its devices.")
 @click.option("--no-device-eval", is_flag=True, help="Skip the devices' evaluation of each new global model.")
-@click.option("--backends", default="portable", help="Bundles exported at start (others on first enrollment).")
+@click.option("--backends", default=",".join(FederationConfig.default("backends")),
+              help="Bundles exported at start (others on first enrollment).")
 @click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
               help="For training-backend bundles: a Python with onnxruntime-training.")
 @click.option("--workers", default=1, help="Body workers in this process (0: run them with `sfp-cloud worker`).")
 @click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
-def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-          torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir, rounds, fraction,
-          min_devices, deadline, no_device_eval, backends, training_python, workers, max_packet, metrics_port,
-          **recipe_settings) -> None:
+@config_file_option
+def serve(broker, federation, torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir,
+          workers, max_packet, metrics_port, **settings) -> None:
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body. The recipe options default
     to SFPrompt's recipe (sfp_common/recipe.py), the reference federation's."""
     from cloud_server.body import start_worker
-    from cloud_server.coordinator import Coordinator, FederationConfig
+    from cloud_server.coordinator import Coordinator
     from cloud_server.metrics import Metrics
-    from export.split import SplitSpec
-    from sfp_common.recipe import Recipe
 
     def job() -> None:
-        cfg = FederationConfig(
-            federation=federation, model=model, classes=class_names(classes), state_dir=state_dir,
-            split=SplitSpec(prompts, head_blocks, tail_blocks),
-            recipe=recipe_from_options(Recipe(), **recipe_settings), img_size=img_size,
-            pretrained=not random_init, seed=seed, rounds=rounds, fraction=fraction, min_devices=min_devices,
-            round_deadline_s=deadline, evaluate_on_devices=not no_device_eval,
-            backends=tuple(b for b in backends.split(",") if b), training_python=training_python)
+        cfg = federation_config(federation=federation, state_dir=state_dir, **settings)
         metrics = Metrics()
         if metrics_port:
             metrics.serve(metrics_port)
@@ -150,7 +192,7 @@ def serve(broker, federation, prompts, head_blocks, tail_blocks, model, classes,
         coordinator.start()
         bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
                                body_dtype, max_packet, access, metrics) for i in range(workers)]
-        log.info("serving federation %s: %d rounds, state in %s", federation, rounds, state_dir)
+        log.info("serving federation %s: %d rounds, state in %s", federation, cfg.rounds, state_dir)
         try:
             coordinator.run()
         finally:
@@ -174,7 +216,7 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
     from cloud_server.body import start_worker
     from export.backbone import resolve_model
     from export.bundle import client_model
-    from export.split import SplitSpec
+    from sfp_common.split_spec import SplitSpec
 
     def job() -> None:
         split, _ = client_model(resolve_model(model), len(class_names(classes)),

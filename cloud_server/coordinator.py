@@ -16,20 +16,17 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from export.bundle import client_model
 from export.backbone import resolve_model
-from export.split import SplitSpec
 from sfp_common.bundle import BundleError, check_trainables
 from sfp_common.errors import ConfigError
-from sfp_common.recipe import Recipe
 from sfp_common.strategy import FedAvgStrategy
 from cloud_server.bundles import BundleService
+from cloud_server.config import FederationConfig
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
 from cloud_server.security import Security
@@ -39,26 +36,6 @@ from wire_protocol.link import BrokerAccess, Link
 from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    federation: str
-    model: str                          # timm name or checkpoint
-    classes: tuple[str, ...]
-    state_dir: Path                     # also holds security/: accounts, enrollment tokens (cloud_server/security)
-    split: SplitSpec = field(default_factory=SplitSpec)
-    recipe: Recipe = field(default_factory=Recipe)     # what each device does in a round (sfp_common/recipe.py)
-    img_size: int | None = None
-    pretrained: bool = True
-    seed: int = 0
-    rounds: int = 5
-    fraction: float = 1.0
-    min_devices: int = 1
-    round_deadline_s: float = 600.0
-    evaluate_on_devices: bool = True
-    backends: tuple[str, ...] = ("portable",)     # exported at start; others on first enrollment
-    training_python: str | None = None
 
 
 class Coordinator:

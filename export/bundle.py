@@ -24,7 +24,8 @@ from edge_client.runtime import open_runtime
 from export.backbone import ModelSource, create_vit, preprocessing_of
 from export.onnx_graphs import OPSET, build_forward_graphs, build_portable_graphs
 from export.ort_artifacts import FORWARD
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from export.verify import check_or_refuse, reference_cases
 from sfp_common.bundle import (BACKENDS, GRAPH_ROLES, MANIFEST, TRAINABLES, BundleError, Manifest, OptimizerSpec,
                                TensorSpec, write_manifest)

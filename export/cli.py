@@ -6,12 +6,17 @@ from pathlib import Path
 import click
 
 from sfp_common.cli import run_cli
+from sfp_common.split_spec import SplitSpec
 
 
 def split_options(f):
-    f = click.option("--tail-blocks", default=0, show_default=True, help="Transformer blocks in the client tail.")(f)
-    f = click.option("--head-blocks", default=0, show_default=True, help="Transformer blocks in the client head.")(f)
-    f = click.option("--prompts", default=10, show_default=True, help="Learnable prompt tokens P.")(f)
+    """--prompts, --head-blocks, --tail-blocks, defaulting to SplitSpec's."""
+    spec = SplitSpec()
+    f = click.option("--tail-blocks", default=spec.tail_blocks, show_default=True,
+                     help="Transformer blocks in the client tail.")(f)
+    f = click.option("--head-blocks", default=spec.head_blocks, show_default=True,
+                     help="Transformer blocks in the client head.")(f)
+    f = click.option("--prompts", default=spec.prompts, show_default=True, help="Learnable prompt tokens P.")(f)
     return f
 
 
@@ -41,7 +46,6 @@ def bundle(model, classes, prompts, head_blocks, tail_blocks, img_size, optimize
     """Write a client bundle, after checking every graph against PyTorch (nothing is written if one disagrees)."""
     from export.backbone import resolve_model
     from export.bundle import client_model, export_bundle
-    from export.split import SplitSpec
     from sfp_common.bundle import OptimizerSpec
 
     def job() -> None:

@@ -1,6 +1,6 @@
 """The SFPrompt split of a timm Vision Transformer: head (+ prompts), body, tail.
 
-One file, read top to bottom: `SplitSpec` says where to cut, `Head`, `Body` and `Tail` are the three pieces, and
+One file, read top to bottom: `SplitSpec` (sfp_common/split_spec.py, torch-free) says where to cut, `Head`, `Body` and `Tail` are the three pieces, and
 `SplitViT` holds them together with the two forward paths the method needs:
 
 - the split path, head -> body -> tail, which is exactly the original model when there are no prompts;
@@ -15,32 +15,14 @@ they carry no position embedding. They count as prefix tokens, so average poolin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 
 from sfp_common.errors import ConfigError
+from sfp_common.split_spec import SplitSpec
 
 LOCAL_POOL = "mean-of-head-tokens"
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """Where to cut: P prompts, the first `head_blocks` blocks to the head, the last `tail_blocks` to the tail."""
-
-    prompts: int = 10
-    head_blocks: int = 0
-    tail_blocks: int = 0
-
-    def check(self, depth: int) -> None:
-        if self.prompts < 0 or self.head_blocks < 0 or self.tail_blocks < 0:
-            raise ConfigError(f"prompts, head_blocks and tail_blocks must be >= 0, got {self}")
-        if self.head_blocks + self.tail_blocks > depth:
-            raise ConfigError(
-                f"head_blocks ({self.head_blocks}) + tail_blocks ({self.tail_blocks}) exceed the model's "
-                f"{depth} blocks")
 
 
 class _Embedding(nn.Module):

@@ -8,7 +8,7 @@ import click
 
 from export.backbone import resolve_model
 from export.cli import split_options
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.cli import recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
 from sfp_common.recipe import Recipe

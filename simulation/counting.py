@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from export.backbone import ModelSource, create_vit
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from sfp_common.pruning import SampleMemory
 from sfp_common.recipe import Recipe
 from simulation.accounting import ClientMeter

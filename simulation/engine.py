@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from export.backbone import create_vit, preprocessing_of, resolve_model
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from sfp_common.datasets import load_dataset
 from sfp_common.errors import ConfigError
 from sfp_common.partition import partition, split_local_test

@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_vit, TINY
 from export.backbone import ModelSource
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from sfp_common.errors import ConfigError
 from simulation.accounting import ClientMeter, decode, encode, wire_bytes
 from simulation.counting import count_client_round

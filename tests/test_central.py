@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.compare import parse_partition, parse_run, plan_runs, to_target
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.errors import ConfigError
 from simulation.central import adaptation_of, train_central
 from simulation.engine import Federation, SimConfig, state_of

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from cloud_server.coordinator import Coordinator, FederationConfig
+from cloud_server.config import FederationConfig
+from cloud_server.coordinator import Coordinator
 from edge_client.profiles import load_profile
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from wire_protocol.envelope import Message
 from wire_protocol.contracts import RoundPlan
 from wire_protocol.link import Link, wait_for

@@ -9,7 +9,8 @@ import torch
 from edge_client.round import run_round
 from edge_client.runtime import open_runtime
 from export.bundle import export_bundle
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from sfp_common.aggregate import fedavg
 from sfp_common.bundle import OptimizerSpec
 from simulation.accounting import decode, encode

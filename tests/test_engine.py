@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from simulation.engine import Federation, SimConfig, state_of
 from simulation.methods import METHODS, client_round
 from sfp_common.aggregate import fedavg

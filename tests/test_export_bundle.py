@@ -11,7 +11,7 @@ from conftest import TINY
 from export.backbone import ModelSource
 from export.bundle import check_training_python, client_model, export_bundle
 from export.cli import main as export_main
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.bundle import GRAPH_ROLES, MANIFEST, BundleError, OptimizerSpec, read_bundle
 from sfp_common.errors import ConfigError
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from cloud_server.broker import LocalBroker, free_port
 from cloud_server.cli import main as cloud_main
 from export.backbone import save_checkpoint
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.datasets import write_device_folder
 from simulation.engine import Federation, SimConfig, state_of
 from sfp_common.bundle import OptimizerSpec

@@ -14,9 +14,10 @@ import pytest
 
 from cloud_server.broker import free_port
 from cloud_server.body import start_worker
-from cloud_server.coordinator import Coordinator, FederationConfig
+from cloud_server.config import FederationConfig
+from cloud_server.coordinator import Coordinator
 from edge_client.profiles import load_profile
-from export.split import SplitSpec
+from sfp_common.split_spec import SplitSpec
 from sfp_common.bundle import BundleError, install_bundle
 from wire_protocol.chunking import CHUNK_MAGIC, PREFIX as CHUNK_PREFIX, split
 from wire_protocol.envelope import PREFIX, Message, pack

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_vit
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from simulation.accounting import ClientMeter
 from sfp_common.bundle import OptimizerSpec
 from sfp_common.pruning import SampleMemory, el2n_scores

@@ -1,16 +1,18 @@
 """One definition of the method: the simulation, the server and the device read the same recipe and defaults,
 and a recipe crosses the wire whole or is refused."""
 import json
+from pathlib import Path
 
 import click
 import pytest
 
-from cloud_server.cli import serve
-from cloud_server.coordinator import FederationConfig
+from cloud_server.cli import federation_config, serve
+from cloud_server.config import FederationConfig
 from sfp_common.bundle import OptimizerSpec
 from sfp_common.cli import RECIPE_OPTIONS, recipe_from_options
 from sfp_common.errors import ConfigError
 from sfp_common.recipe import Recipe
+from sfp_common.split_spec import SplitSpec
 from simulation.cli import recipe_of, sim_main
 from simulation.engine import SimConfig
 from simulation.methods import METHODS
@@ -67,3 +69,31 @@ def test_a_malformed_plan_is_refused_with_a_reason(mangle):
     plan = RoundPlan(Recipe(), 3).as_dict()
     with pytest.raises(ConfigError):
         RoundPlan.from_dict(json.loads(json.dumps(mangle(plan))))
+
+
+def serve_config(*args: str) -> FederationConfig:
+    """The FederationConfig `sfp-cloud serve` would run with these arguments."""
+    ctx = serve.make_context("serve", list(args))
+    params = {k: v for k, v in ctx.params.items() if k not in (
+        "broker", "torch_device", "body_dtype", "ca", "username", "password_file", "broker_reload", "workers",
+        "max_packet", "metrics_port")}
+    return federation_config(**params)
+
+
+def test_serve_defaults_are_the_federation_configs_and_a_toml_file_sets_them(tmp_path):
+    required = ["--broker", "mqtt://x", "--model", "m", "--classes", "3", "--state", "s"]
+    assert serve_config(*required) == FederationConfig("demo", "m", ("0", "1", "2"), state_dir=Path("s"))
+    toml = tmp_path / "federation.toml"
+    toml.write_text('broker = "mqtt://broker:1883"\nmodel = "models/vit-fmnist.pth"\nclasses = "cat,dog"\n'
+                    'state = "/var/lib/sfp"\nrounds = 20\nmin-devices = 5\nlr = 0.01\nprompts = 4\n'
+                    'local_epochs = 2\n')
+    cfg = serve_config("--config", str(toml), "--rounds", "7")          # the command line wins
+    assert cfg == FederationConfig("demo", "models/vit-fmnist.pth", ("cat", "dog"), state_dir=Path("/var/lib/sfp"),
+                                   split=SplitSpec(prompts=4), recipe=Recipe().but(lr=0.01, local_epochs=2),
+                                   rounds=7, min_devices=5)
+    toml.write_text("rounds = 3\nround = 4\n")
+    with pytest.raises(click.BadParameter, match="names no such setting: round"):
+        serve_config("--config", str(toml))
+    toml.write_text("rounds = [")
+    with pytest.raises(click.BadParameter, match="cannot read"):
+        serve_config("--config", str(toml))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_vit
-from export.split import SplitSpec, SplitViT
+from export.split import SplitViT
+from sfp_common.split_spec import SplitSpec
 from sfp_common.errors import ConfigError
 
 CONFIGS = [

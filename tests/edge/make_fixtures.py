@@ -26,7 +26,8 @@ from conftest import TINY, bundle_folder  # noqa: E402
 from export.backbone import ModelSource  # noqa: E402
 from export.bundle import check_training_python, client_model, export_bundle  # noqa: E402
 from export.onnx_graphs import image_shape  # noqa: E402
-from export.split import SplitSpec, SplitViT  # noqa: E402
+from export.split import SplitViT  # noqa: E402
+from sfp_common.split_spec import SplitSpec  # noqa: E402
 from sfp_common.bundle import OptimizerSpec, state_key  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402
 from simulation.accounting import ClientMeter  # noqa: E402
