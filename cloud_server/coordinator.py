@@ -26,6 +26,7 @@ from sfp_common.bundle import BundleError, check_trainables
 from sfp_common.errors import ConfigError
 from sfp_common.strategy import FedAvgStrategy
 from cloud_server.bundles import BundleService
+from cloud_server.clients import ClientManager
 from cloud_server.config import FederationConfig
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
@@ -67,7 +68,7 @@ class Coordinator:
             check_trainables(self.bundles.manifest(), state, "the checkpoint")
             self.next_round, self.global_state = done + 1, state
             log.info("resuming after round %d", done)
-        self.online: dict[str, dict] = {}
+        self.clients = ClientManager(self.registry)
         self.updates: queue.Queue[Message] = queue.Queue()
         self.enrollments: queue.Queue[Message | None] = queue.Queue()
         self.stop = threading.Event()
@@ -120,24 +121,18 @@ class Coordinator:
         if device is None or not isinstance(value, dict):
             self.link.refuse(topic, "a device's presence must be a JSON object", "malformed")
             return
-        if value.get("state") == "online":
-            self.online[device] = value
-        else:
-            self.online.pop(device, None)
-        self.metrics.online.set(len(self.online_enrolled()))
-
-    def online_enrolled(self) -> list[str]:
-        return sorted(d for d in list(self.online) if self.registry.get(d) is not None)
+        self.clients.set_presence(device, value.get("state") == "online")
+        self.metrics.online.set(len(self.clients.online()))
 
     def publish_status(self, force: bool = False, **changes: Any) -> None:
         """The retained server status, published when something in it changed (or `force`: after a reconnect
         the broker may have lost it), not on every pass of a waiting loop."""
-        self.status.update(changes, enrolled=len(self.registry.devices), online=len(self.online_enrolled()))
+        self.status.update(changes, enrolled=len(self.clients.enrolled()), online=len(self.clients.online()))
         shown = {k: v for k, v in self.status.items() if k != "updated"}
         if shown == self._published and not force:
             return
         if self._published is None or shown["enrolled"] != self._published["enrolled"] or force:
-            self.link.publish_json(self.topics.enrolled(), sorted(self.registry.devices), retain=True)
+            self.link.publish_json(self.topics.enrolled(), self.clients.enrolled(), retain=True)
         self._published = shown
         self.status["updated"] = round(time.time(), 3)
         self.link.publish_json(self.topics.server_status(), self.status, retain=True)
@@ -190,7 +185,7 @@ class Coordinator:
                                       "federation": self.cfg.federation,
                                       "credentials": {"username": device, "password": password}},
             tensors={"bundle": np.frombuffer(data, np.uint8)}, wires={"bundle": "bytes"}))
-        self.metrics.enrolled.set(len(self.registry.devices))
+        self.metrics.enrolled.set(len(self.clients.enrolled()))
         log.info("enrolled %s (index %d, %s, %d samples)", device, entry.index, profile.name, num_samples)
         self.publish_status()
 
@@ -204,7 +199,7 @@ class Coordinator:
     def run(self) -> None:
         """Rounds until the configured number is done or `stop` is set."""
         while self.next_round <= self.cfg.rounds and not self.stop.is_set():
-            if len(self.online_enrolled()) < self.cfg.min_devices:
+            if len(self.clients.online()) < self.cfg.min_devices:
                 self.publish_status(state="waiting for devices", round=self.next_round)
                 self.stop.wait(0.5)
                 continue
@@ -219,7 +214,7 @@ class Coordinator:
         got: dict[str, Message] = {}
         while (wanted - set(got) and time.monotonic() < deadline and not self.stop.is_set()
                and not self.reconnected.is_set()):
-            if not (wanted - set(got)) & set(self.online):
+            if not (wanted - set(got)) & set(self.clients.online()):
                 break                                     # everyone still missing is offline
             try:
                 message = self.updates.get(timeout=0.2)
@@ -272,7 +267,7 @@ class Coordinator:
             self.round_in_progress = None
 
     def _run_round(self, round_index: int, attempt: int, start: float) -> dict:
-        selected = self.strategy.select(self.online_enrolled(), round_index)
+        selected = self.strategy.select(self.clients.online(), round_index)
         self.publish_status(state="training", round=round_index, participants=selected)
         for device in selected:
             plan = self.plan(device, round_index)
@@ -319,7 +314,7 @@ class Coordinator:
 
     def evaluate_on_devices(self, round_index: int) -> dict:
         """The new global model on each online device's local test data (through the body): sample-weighted."""
-        devices, attempt = self.online_enrolled(), secrets.randbelow(2**31)
+        devices, attempt = self.clients.online(), secrets.randbelow(2**31)
         for device in devices:
             self.link.send(self.topics.down(device, "round"), Message(
                 "round", device, round_index, attempt, meta={"train": False}, tensors=self.global_state))
@@ -332,6 +327,6 @@ class Coordinator:
         self.enrollments.put(None)
         # What a dashboard should keep seeing: the last round, the enrolled count; not the start-up Will.
         self.status.update(state="finished" if self.next_round > self.cfg.rounds else "offline",
-                           enrolled=len(self.registry.devices), updated=round(time.time(), 3))
+                           enrolled=len(self.clients.enrolled()), updated=round(time.time(), 3))
         self.link.close(final=[(self.topics.server_status(), self.status)])
 

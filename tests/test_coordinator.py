@@ -103,7 +103,7 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     topics, link = Topics("coord"), Link(broker, "dev-link").connect()
     assert ask(link, topics, "dev", enroll_request(server, "dev")).type == "enrolled"
     link.publish_json(topics.device_presence("dev"), {"device": "dev", "state": "online"}, retain=True)
-    assert wait_for(lambda: server.online_enrolled() == ["dev"], 5)
+    assert wait_for(lambda: server.clients.online() == ["dev"], 5)
     good = {k: v + 0.5 for k, v in server.global_state.items()}
     bad = {**good, "head.prompts": np.zeros((3, 3), np.float32)}
     rounds = queue.Queue()

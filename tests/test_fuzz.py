@@ -40,7 +40,7 @@ def server(tmp_path_factory, broker):
     device = Link(broker, "dev").connect()
     assert enroll(coordinator, device, "dev").type == "enrolled"
     device.publish_json(Topics(FED).device_presence("dev"), {"device": "dev", "state": "online"}, retain=True)
-    assert wait_for(lambda: coordinator.online_enrolled() == ["dev"], 5)
+    assert wait_for(lambda: coordinator.clients.online() == ["dev"], 5)
     yield coordinator, worker, device
     device.close()
     worker.stop()
