@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 BACKBONE ?= models/vit-fmnist.pth
 # The device's environment: the edge extra only (plain onnxruntime, no torch), as on a Raspberry Pi.
 EDGE_VENV ?= .venv-edge
+# The same with the oldest onnxruntime the edge extra allows (a Jetson on JetPack 6 gets an older one than x86).
+EDGE_OLDEST_VENV ?= .venv-edge-oldest
+ORT_OLDEST := $(shell sed -n 's/^ *onnxruntime>=\([0-9.]*\)$$/\1/p' setup.cfg | head -1)
 EDGE_FIXTURES ?= build/edge-fixtures
 # The training backend's environment: onnxruntime-training-cpu, no torch (builds and runs ORT training artifacts).
 ORT_TRAINING_VENV ?= .venv-ort-training
@@ -88,6 +91,11 @@ $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 	$(EDGE_VENV)/bin/pip install -q -e '.[edge]' pytest
 	touch $@
 
+$(EDGE_OLDEST_VENV)/installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(EDGE_OLDEST_VENV)
+	$(EDGE_OLDEST_VENV)/bin/pip install -q -e '.[edge]' pytest 'onnxruntime==$(ORT_OLDEST)'
+	touch $@
+
 $(ORT_TRAINING_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(ORT_TRAINING_VENV)
 	$(ORT_TRAINING_VENV)/bin/pip install -q -e '.[ort-training]' pytest
@@ -98,14 +106,16 @@ ort-training-env: $(ORT_TRAINING_VENV)/installed
 
 # Bundles of both backends are exported and the PyTorch reference steps recorded in the main environment; the
 # device tests then run in each backend's torch-free environment (portable ones in the main one too).
-test: setup $(EDGE_VENV)/installed $(ORT_TRAINING_VENV)/installed
+test: setup $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed
 	rm -rf $(EDGE_FIXTURES)
 	OMP_NUM_THREADS=1 SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python \
 		$(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)
 	SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python -m pytest -q
 	$(EDGE_VENV)/bin/python -c "import importlib.util as u, onnxruntime; print('device environment: torch importable:', u.find_spec('torch') is not None, '| onnxruntime', onnxruntime.__version__)"
 	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_VENV)/bin/python -m pytest -q -rP tests/edge
+	$(EDGE_OLDEST_VENV)/bin/python -c "import onnxruntime as o; assert o.__version__.startswith('$(ORT_OLDEST)'), o.__version__; print('oldest onnxruntime allowed:', o.__version__)"
+	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_OLDEST_VENV)/bin/python -m pytest -q tests/edge
 	SFP_DEVICE_ENV=training SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(ORT_TRAINING_VENV)/bin/python -m pytest -q -rP tests/edge
 
 clean:
-	rm -rf $(VENV) $(EDGE_VENV) $(ORT_TRAINING_VENV) build runs *.egg-info
+	rm -rf $(VENV) $(EDGE_VENV) $(EDGE_OLDEST_VENV) $(ORT_TRAINING_VENV) build runs *.egg-info

@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_client.device_state import BUNDLE, DeviceConfig
 from edge_client.memory import DeviceMemory
+from edge_client.profiles import execution_providers
 from edge_client.remote_body import RemoteBody, RoundAborted
 from edge_client.round import run_round
 from edge_client.runtime import ClientRuntime, open_runtime
@@ -40,7 +41,7 @@ class DeviceAgent:
         self.stop = stop or threading.Event()
         self.topics = Topics(self.config.federation)
         self.runtime: ClientRuntime = open_runtime(self.state / BUNDLE, threads=self.profile.threads,
-                                                   providers=list(self.profile.providers))
+                                                   providers=execution_providers(self.profile)[0])
         data = load_device_folder(self.config.data, self.config.classes)
         prep = self.runtime.manifest.preprocessing
         self.x_train, self.y_train = preprocess(data.train.images, prep), data.train.labels

@@ -3,6 +3,7 @@ token opens, receive and verify the bundle and the device's own broker account, 
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import shutil
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_client.device_state import BUNDLE, CA, CREDENTIALS, DeviceConfig, hardware_facts
+from edge_client.profiles import execution_providers
 from sfp_common.bundle import install_bundle
 from sfp_common.datasets import load_device_folder
 from sfp_common.errors import ConfigError
@@ -18,6 +20,8 @@ from wire_protocol.contracts import Profile, enroll_account
 from wire_protocol.envelope import Message
 from wire_protocol.link import BrokerAccess, Link, LinkError
 from wire_protocol.topics import Topics, check_name
+
+log = logging.getLogger(__name__)
 
 
 def check_device_folder(data: str) -> tuple[int, list[str]]:
@@ -40,6 +44,9 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     check_name("device", device)
     topics = Topics(federation)
     num_samples, classes = check_device_folder(data)
+    _, lacking = execution_providers(profile)          # refused here when nothing the profile allows is there
+    if lacking:
+        log.warning("%s", lacking)
     replies: queue.Queue[Message] = queue.Queue()
     server: dict[str, Any] = {}
     access = BrokerAccess(enroll_account(device), token, ca_file)

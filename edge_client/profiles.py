@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -64,3 +65,26 @@ def detect(root: str = "/") -> str:
         raise ConfigError(f"no profile matches this device (model {model!r}, machine {machine}); pass "
                           f"--profile with one of {', '.join(available())}")
     return best[1]
+
+
+GPU_HINT = ("PyPI's aarch64 onnxruntime has only the CPU provider; a Jetson's GPU build comes with JetPack "
+            "(NVIDIA's onnxruntime-gpu wheels for its Python), see the README")
+
+
+def execution_providers(profile: Profile, available: Sequence[str] | None = None) -> tuple[list[str], str | None]:
+    """The profile's providers this onnxruntime has, in the profile's order, and one line saying what it lacks
+    (None when nothing is missing). A device falls back only to providers its profile lists: none left is a
+    ConfigError."""
+    import onnxruntime
+    have = list(onnxruntime.get_available_providers() if available is None else available)
+    usable = [p for p in profile.providers if p in have]
+    missing = [p for p in profile.providers if p not in have]
+    hint = f" ({GPU_HINT})" if any("CUDA" in p or "TensorRT" in p for p in missing) else ""
+    where = f"this onnxruntime {onnxruntime.__version__}"
+    if not usable:
+        raise ConfigError(f"profile {profile.name} runs only on {', '.join(profile.providers)}, which {where} lacks "
+                          f"(it has {', '.join(have)}){hint}")
+    if not missing:
+        return usable, None
+    return usable, (f"profile {profile.name} prefers {', '.join(missing)}, which {where} lacks: running on "
+                    f"{', '.join(usable)}{hint}")
