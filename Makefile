@@ -11,9 +11,12 @@ ORT_OLDEST := $(shell sed -n 's/^ *onnxruntime>=\([0-9.]*\)$$/\1/p' setup.cfg | 
 EDGE_FIXTURES ?= build/edge-fixtures
 # The training backend's environment: onnxruntime-training-cpu, no torch (builds and runs ORT training artifacts).
 ORT_TRAINING_VENV ?= .venv-ort-training
+# An emulated Linux aarch64 CPython with the edge extra's aarch64 wheels (tests/aarch64/make_env.sh): the device
+# tests run there too, against bundles exported here.
+AARCH64_ENV ?= build/aarch64
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
+.PHONY: setup system-packages emulator-packages backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
@@ -21,6 +24,16 @@ system-packages:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist mosquitto; \
 	fi
+
+# Debian packages for the emulated aarch64 device: qemu's user-mode emulator and debootstrap.
+emulator-packages:
+	@if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user-static debootstrap; \
+	fi
+
+$(AARCH64_ENV)/python: tests/aarch64/make_env.sh setup.cfg | emulator-packages setup
+	PIP=$(BIN)/pip tests/aarch64/make_env.sh $(AARCH64_ENV)
 
 $(BIN)/sfp-sim: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -106,7 +119,7 @@ ort-training-env: $(ORT_TRAINING_VENV)/installed
 
 # Bundles of both backends are exported and the PyTorch reference steps recorded in the main environment; the
 # device tests then run in each backend's torch-free environment (portable ones in the main one too).
-test: setup $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed
+test: setup $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed $(AARCH64_ENV)/python
 	rm -rf $(EDGE_FIXTURES)
 	OMP_NUM_THREADS=1 SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python \
 		$(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)
@@ -115,6 +128,8 @@ test: setup $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_
 	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_VENV)/bin/python -m pytest -q -rP tests/edge
 	$(EDGE_OLDEST_VENV)/bin/python -c "import onnxruntime as o; assert o.__version__.startswith('$(ORT_OLDEST)'), o.__version__; print('oldest onnxruntime allowed:', o.__version__)"
 	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_OLDEST_VENV)/bin/python -m pytest -q tests/edge
+	$(AARCH64_ENV)/python -c "import platform; assert platform.machine() == 'aarch64', platform.machine()"
+	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(AARCH64_ENV)/python -m pytest -q -p no:cacheprovider tests/edge
 	SFP_DEVICE_ENV=training SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(ORT_TRAINING_VENV)/bin/python -m pytest -q -rP tests/edge
 
 clean:
