@@ -80,7 +80,8 @@ def serve_config(*args: str) -> FederationConfig:
     return federation_config(**params)
 
 
-def test_serve_defaults_are_the_federation_configs_and_a_toml_file_sets_them(tmp_path):
+def test_serve_defaults_are_the_federation_configs_and_a_toml_file_sets_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("SFP_ORT_TRAINING_PYTHON", raising=False)      # --training-python's environment default
     required = ["--broker", "mqtt://x", "--model", "m", "--classes", "3", "--state", "s"]
     assert serve_config(*required) == FederationConfig("demo", "m", ("0", "1", "2"), state_dir=Path("s"))
     toml = tmp_path / "federation.toml"
