@@ -9,8 +9,9 @@ offline task (IID, 10 clients, one seed) and its central ceiling, through bench/
 <out>/k<h>m<t>p<P>/; client FLOPs are also counted at ViT-B/16 scale (224x224, 500 samples per client, nothing
 trained), since the in-house backbone's patch embedding is a much smaller share of its compute than ViT-B/16's.
 A profile (firmware_profiles/) may run a split whose head fits its max_head_blocks; the recommendation is the
-cheapest such split (ViT-B/16 client FLOPs) within RECOMMEND_WITHIN of the best one it may run. One seed per
-configuration: differences under about 3 points are inside the noise.
+cheapest such split (ViT-B/16 client FLOPs) within RECOMMEND_WITHIN of the best one it may run: one seed per
+configuration, and differences under about 3 points are inside the noise, so a split is not paid for a lead the
+noise can give.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from simulation.methods import get_method  # noqa: E402
 
 CONFIGS = tuple(f"{h}/{t}/{p}" for h in (0, 1) for t in (0, 1, 2) for p in (10, 50))
 SCALE_MODEL, SCALE_SAMPLES = "vit_base_patch16_224", 500
-RECOMMEND_WITHIN = 0.02
+RECOMMEND_WITHIN = 0.03          # one seed's noise on this task
 
 
 def parse_config(text: str) -> tuple[int, int, int]:
