@@ -64,6 +64,7 @@ CANDIDATES = {c.name: c for c in (
               DEFAULT.but(epochs=1, local_epochs=3)),
     Candidate("ep1-le5", "as ep1-le3 with 5 tail passes", "sfprompt", DEFAULT.but(epochs=1, local_epochs=5)),
     Candidate("keep0.75", "the default recipe keeping the hardest three quarters", "sfprompt", DEFAULT.but(keep=0.75)),
+    Candidate("keep0.85", "the default recipe keeping the hardest 85%", "sfprompt", DEFAULT.but(keep=0.85)),
     Candidate("split-only-lr1e-2", "split-only at lr 1e-2", "sfprompt-split-only",
               DEFAULT.but(lr=1e-2, epochs=3, prune="none", local_update="none")),
     Candidate("ep3-le3-lr1e-2", "ep3-le3 at lr 1e-2", "sfprompt", DEFAULT.but(lr=1e-2, epochs=3, local_epochs=3)),
