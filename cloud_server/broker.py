@@ -25,6 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections there (a broker that has opened its port)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class LocalBroker:
     """`with LocalBroker() as url:` a running Mosquitto at mqtt://127.0.0.1:<port>; stopped on exit.
 
@@ -69,11 +78,9 @@ class LocalBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ConfigError(f"mosquitto exited at start (status {self.process.returncode})")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self.url
-            except OSError:
-                time.sleep(0.05)
+            if listening(self.port):
+                return self.url
+            time.sleep(0.05)
         self.stop()
         raise ConfigError(f"mosquitto did not open port {self.port}")
 

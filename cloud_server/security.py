@@ -131,10 +131,8 @@ class Security:
 
     def rewrite(self) -> None:
         """Write passwd and acl again from accounts.json (after the broker's group changed)."""
-        with open(self.folder / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            path = self.folder / "accounts.json"
-            self._write(json.loads(path.read_text()) if path.exists() else {})
+        with self._accounts() as accounts:
+            self._write(accounts)
 
     def accounts(self) -> dict:
         with self._accounts() as accounts:

@@ -7,7 +7,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_server.broker import free_port
+from cloud_server.broker import free_port, listening
 from cloud_server.security import SERVICE
 from wire_protocol.contracts import enroll_account
 from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
@@ -47,11 +46,6 @@ def readme_broker_steps() -> list[str]:
     block = re.search(r"<!-- broker-setup -->\n```sh\n(.*?)```", text, re.S)
     assert block, "the README has no broker-setup block"
     return [line for line in block.group(1).splitlines() if line.strip()]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_the_readme_broker_setup_works_as_written():

@@ -4,7 +4,6 @@ import getpass
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 from cryptography.hazmat.primitives import serialization
 
-from cloud_server.broker import LocalBroker, free_port
+from cloud_server.broker import LocalBroker, free_port, listening
 from cloud_server.security import SERVICE, Security, make_certificates, password_matches, secure
 from wire_protocol.contracts import enroll_account
 from wire_protocol.envelope import Message
@@ -54,7 +53,7 @@ def test_mosquitto_itself_accepts_our_password_file_and_we_accept_mosquitto_pass
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"mqtt://127.0.0.1:{port}"
-        assert wait_for(lambda: _listening(port), 10)
+        assert wait_for(lambda: listening(port), 10)
         Link(url, "right", access=BrokerAccess("dev-p", password)).connect(timeout=5).close()
         with pytest.raises(LinkError, match="refused"):
             Link(url, "wrong", access=BrokerAccess("dev-p", password + "x")).connect(timeout=5)
@@ -66,11 +65,6 @@ def test_mosquitto_itself_accepts_our_password_file_and_we_accept_mosquitto_pass
                    capture_output=True)
     stored = theirs.read_text().strip().split(":", 1)[1]
     assert password_matches("s3cret", stored) and not password_matches("S3cret", stored)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_certificates_are_made_in_process_with_private_keys_never_readable(tmp_path):

@@ -112,6 +112,7 @@ class Link:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self._subacks: dict[int, threading.Event] = {}     # mid -> set by its SUBACK
+        self._suback_lock = threading.Lock()               # apart from _lock, which every delivery takes
         self.client.on_message = self._on_message
         self._inbox: queue.Queue = queue.Queue(maxsize=32)   # full: the network thread waits (backpressure)
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"{client_id}-dispatch", daemon=True)
@@ -247,11 +248,12 @@ class Link:
         """Register a handler; once connected, return only when the broker has confirmed the subscription
         (its SUBACK): retained messages are then on their way and nothing published afterwards is missed."""
         event = None
-        with self._lock:        # held until the SUBACK's mid is registered: _on_subscribe takes the lock first
+        with self._lock:
             self._handlers.append((topic, raw))
             sub_id = len(self._handlers)
-            if not self._connected.is_set():
-                return          # subscribed by _on_connect
+        if not self._connected.is_set():
+            return              # subscribed by _on_connect
+        with self._suback_lock:     # held until the mid is registered: _on_subscribe takes it before looking
             result, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
             if result != mqtt.MQTT_ERR_SUCCESS:
                 raise LinkError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
@@ -259,12 +261,12 @@ class Link:
             if threading.current_thread() not in (getattr(self.client, "_thread", None), self._dispatcher):
                 event = self._subacks[mid] = threading.Event()
         if event is not None and not event.wait(10.0):
-            with self._lock:
+            with self._suback_lock:
                 self._subacks.pop(mid, None)
             raise LinkError(f"the broker at {self.host}:{self.port} did not confirm the subscription to {topic}")
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._lock:
+        with self._suback_lock:
             event = self._subacks.pop(mid, None)
         if event is not None:
             event.set()
