@@ -6,16 +6,22 @@ another process (as a device and the server are) through a local Mosquitto, QoS 
 - `protocol`: `Link.send` of a `Message` (header, CRC-32, chunking at `--max-packet`, 1 MB by default like EMQX's
   limit), received by `Link.subscribe` (reassembly, every check, decoding to float32).
 Goodput = tensor bytes delivered / time from the first publish until the receiver reports the last one in (a
-small MQTT message back); median of `--trials`, the two kinds interleaved.
+small MQTT message back); median of `--trials`, the two kinds interleaved. Beside it, the CPU time each process
+(sender, broker, receiver; all their threads, from /proc) spent per message: on a machine with fewer cores than
+busy processes, goodput is what the three together can afford, so the CPU columns say where the time goes.
+`--profile` runs the protocol side alone under cProfile in the sender and the receiver and writes the functions
+that cost most, per message size, to <out>/profile-<bytes>.txt.
 
-    python bench/transport.py [--sizes 65536,262144,1048576,4194304,20971520] [--trials 3]
-                              [--out bench/results/transport]
+    python bench/transport.py [--sizes 16384,65536,262144,1048576,4194304,20971520] [--trials 5]
+                              [--out bench/results/transport] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -85,22 +91,81 @@ class Driver:
     def __init__(self, url: str) -> None:
         self.control, self.events = raw_client(url, "bench-driver"), {"ready": threading.Event(),
                                                                        "done": threading.Event()}
+        self.pids: dict[str, int] = {"sender": os.getpid()}
         self.control.on_message = lambda c, u, msg: self.events[msg.topic.split("/")[1]].set()
         self.control.subscribe("bench/ready", qos=1)
         self.control.subscribe("bench/done", qos=1)
 
-    def timed(self, kind: str, count: int, publish, timeout: float) -> float:
+    def timed(self, kind: str, count: int, publish, timeout: float) -> tuple[float, dict[str, float]]:
+        """Seconds until the receiver has all `count`, and the CPU seconds each process spent meanwhile."""
         for event in self.events.values():
             event.clear()
         self.control.publish("bench/expect", json.dumps([kind, count]), qos=1)
         if not self.events["ready"].wait(30):
             raise SystemExit("the receiver does not answer")
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         start = time.perf_counter()
         for seq in range(count):
             publish(seq)
         if not self.events["done"].wait(timeout):
             raise SystemExit(f"{kind}: not all {count} messages arrived")
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        return elapsed, {name: cpu_seconds(pid) - cpu[name] for name, pid in self.pids.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler:
+    """py-spy sampling one process (all threads, native frames too) while the protocol side runs."""
+
+    def __init__(self, pid: int, path: Path) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--native",
+                                      "--rate", "200", "--format", "raw", "--output", str(path)],
+                                     stdout=subprocess.DEVNULL)
+
+    def stop(self) -> collections.Counter:
+        """Samples by the function they were in (own time), after py-spy has written them."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        own: collections.Counter = collections.Counter()
+        for line in self.path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            leaf = frames[-1].split(" (")[0]
+            python = next((f for f in reversed(frames) if ".py:" in f), None)
+            if leaf in IDLE or "_wait" in leaf or "acquire_lock" in leaf:
+                continue            # waiting: for the socket, a lock or the GIL
+            own[python if python else leaf] += int(count)
+        return own
+
+
+def profile(driver: Driver, size: int, count: int, send, timeout: float, out: Path) -> None:
+    """Where the protocol's CPU goes at one size: each process's own-time functions, top 25."""
+    samplers = {name: Sampler(driver.pids[name], out / f"profile-{size}-{name}.raw")
+                for name in ("sender", "receiver")}
+    time.sleep(1.0)                   # py-spy attaches
+    elapsed, cpu = driver.timed("protocol", count, send, timeout)
+    lines = [f"# protocol, {size:,} B tensors x {count} messages: {elapsed:.2f} s; CPU seconds "
+             + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())]
+    for name, sampler in samplers.items():
+        own = sampler.stop()
+        busy = dict(own)
+        total = sum(busy.values()) or 1
+        lines += ["", f"## {name}: {total} busy samples, by the innermost Python line (waits left out)", "",
+                  "| own % | Python frame |", "|---|---|"]
+        lines += [f"| {100 * c / total:.1f} | {f} |" for f, c in sorted(busy.items(), key=lambda x: -x[1])[:25]]
+        sampler.path.unlink()
+    (out / f"profile-{size}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+IDLE = {"select", "poll", "epoll_wait", "clock_nanosleep", "pthread_cond_wait", "pthread_cond_timedwait",
+        "__futex_abstimed_wait_common", "futex_wait", "sem_wait", "sem_timedwait", "do_futex_wait"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -108,13 +173,19 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sizes = [r["bytes"] / 2**20 for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ratio) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot(sizes, [r["raw_MBps"] for r in rows], marker="o", label="raw paho publish")
-    ax.plot(sizes, [r["protocol_MBps"] for r in rows], marker="o", label="protocol (checked, chunked at 1 MB)")
-    ax.set(xscale="log", xlabel="tensor bytes per message (MiB)", ylabel="goodput (MB/s)",
+    ax.plot(sizes, [r["protocol_MBps"] for r in rows], marker="o", label="protocol (checked, chunked)")
+    ax.set(xscale="log", xlabel="tensor bytes per message (MiB)", ylabel="goodput (MB/s)", ylim=(0, None),
            title="Goodput over Mosquitto (loopback)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ratio.plot(sizes, [r["ratio"] for r in rows], marker="o", color="C1", label="protocol / raw")
+    ratio.axhline(0.8, color="C3", ls="--", lw=1, label="target 0.8x")
+    ratio.axhline(1.0, color="gray", ls=":", lw=1, label="as fast as raw")
+    ratio.set(xscale="log", xlabel="tensor bytes per message (MiB)", ylabel="protocol / raw paho", ylim=(0, None),
+              title="Protocol against raw paho, same run")
+    for axis in (ax, ratio):
+        axis.grid(alpha=0.3)
+        axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -122,10 +193,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="65536,262144,1048576,4194304,20971520")
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--sizes", default="16384,65536,262144,1048576,4194304,20971520")
+    ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--max-packet", type=int, default=1 << 20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport")
+    ap.add_argument("--profile", action="store_true", help="sample the protocol side with py-spy instead")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.receiver:
@@ -133,10 +205,12 @@ def main() -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with LocalBroker(max_packet=64 << 20) as url:
+    broker = LocalBroker(max_packet=64 << 20)
+    with broker as url:
         driver = Driver(url)
         child = subprocess.Popen([sys.executable, __file__, "--receiver", url, "--max-packet", str(a.max_packet)],
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        driver.pids.update(broker=broker.process.pid, receiver=child.pid)
         if not driver.events["ready"].wait(60):
             raise SystemExit("the receiver did not start")
         raw_out = raw_client(url, "raw-out")
@@ -145,36 +219,53 @@ def main() -> None:
             for size in map(int, a.sizes.split(",")):
                 tensor = np.random.default_rng(0).standard_normal(size // 4).astype(np.float32)
                 payload = tensor.tobytes()
-                count = int(min(200, max(5, (64 << 20) // size)))
+                count = int(min(2000, max(5, (128 << 20) // size)))
                 timeout = 60 + size * count / 20e6
                 send_raw = lambda seq: raw_out.publish("bench/raw", payload, qos=1)   # noqa: E731
                 send_proto = lambda seq: proto_out.send("bench/protocol", Message(    # noqa: E731
                     "update", "bench", 1, seq, tensors={"x": tensor}))
                 driver.timed("raw", 2, send_raw, timeout)                                # warm-up
                 driver.timed("protocol", 2, send_proto, timeout)
-                raw_t, proto_t = [], []
+                if a.profile:
+                    profile(driver, size, count * a.trials, send_proto, timeout * a.trials, a.out)
+                    continue
+                runs: dict[str, list] = {"raw": [], "protocol": []}
                 for _ in range(a.trials):     # interleaved, so drift on a shared machine hits both alike
-                    raw_t.append(driver.timed("raw", count, send_raw, timeout))
-                    proto_t.append(driver.timed("protocol", count, send_proto, timeout))
-                raw_mbps = size * count / float(np.median(raw_t)) / 1e6
-                proto_mbps = size * count / float(np.median(proto_t)) / 1e6
-                rows.append({"bytes": size, "messages": count, "raw_MBps": raw_mbps, "protocol_MBps": proto_mbps,
-                             "ratio": proto_mbps / raw_mbps})
-                print(f"{size / 2**10:>8.0f} KiB x {count:>3}: raw {raw_mbps:7.1f} MB/s, protocol "
-                      f"{proto_mbps:7.1f} MB/s, ratio {proto_mbps / raw_mbps:.2f}", flush=True)
+                    runs["raw"].append(driver.timed("raw", count, send_raw, timeout))
+                    runs["protocol"].append(driver.timed("protocol", count, send_proto, timeout))
+                row = {"bytes": size, "messages": count}
+                for kind, timed in runs.items():
+                    row[f"{kind}_MBps"] = size * count / float(np.median([t for t, _ in timed])) / 1e6
+                    for name in driver.pids:      # CPU microseconds per message, over all the trials
+                        row[f"{kind}_{name}_us"] = 1e6 * sum(c[name] for _, c in timed) / (count * a.trials)
+                row["ratio"] = row["protocol_MBps"] / row["raw_MBps"]
+                rows.append(row)
+                print(f"{size / 2**10:>8.0f} KiB x {count:>3}: raw {row['raw_MBps']:7.1f} MB/s, protocol "
+                      f"{row['protocol_MBps']:7.1f} MB/s, ratio {row['ratio']:.2f}; CPU us/message raw|protocol "
+                      + ", ".join(f"{n} {row[f'raw_{n}_us']:.0f}|{row[f'protocol_{n}_us']:.0f}"
+                                  for n in driver.pids), flush=True)
         finally:
             child.kill()
             raw_out.disconnect()
             raw_out.loop_stop()
             proto_out.close()
+    if a.profile:
+        return
     machine = machine_facts("bench/transport.py", sys.argv[1:], broker="Mosquitto, loopback")
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; Mosquitto on "
-             f"loopback, QoS 1, sender and receiver in separate processes. Command: `{machine['command']}`.", "",
-             "| tensor bytes / message | messages | raw paho MB/s | protocol MB/s | protocol / raw |",
-             "|---|---|---|---|---|"]
+             f"loopback, QoS 1, sender and receiver in separate processes. Command: `{machine['command']}`. "
+             "CPU: microseconds per message in each process (all threads), raw | protocol.", "",
+             "| tensor bytes / message | messages | raw paho MB/s | protocol MB/s | protocol / raw "
+             "| sender CPU us | broker CPU us | receiver CPU us |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['bytes']:,} | {r['messages']} | {r['raw_MBps']:.1f} | {r['protocol_MBps']:.1f} | "
-              f"{r['ratio']:.2f} |" for r in rows]
+              f"{r['ratio']:.2f} | " + " | ".join(f"{r[f'raw_{n}_us']:.0f} \\| {r[f'protocol_{n}_us']:.0f}"
+                                                  for n in ("sender", "broker", "receiver")) + " |" for r in rows]
+    profiles = sorted(a.out.glob("profile-*.md"), key=lambda p: int(p.stem.split("-")[1]))
+    if profiles:
+        lines += ["", "Where the protocol's CPU goes (py-spy, `--profile`): "
+                  + ", ".join(f"[{p.stem.split('-')[1]} B]({p.name})" for p in profiles) + "."]
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, a.out / "goodput.png")
     print("\n".join(lines[2:]))

@@ -166,7 +166,7 @@ def main() -> None:
 @click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
               help="For training-backend bundles: a Python with onnxruntime-training.")
 @click.option("--workers", default=1, help="Body workers in this process (0: run them with `sfp-cloud worker`).")
-@click.option("--max-packet", default=1 << 20, help="MQTT packet limit; larger messages are chunked.")
+@click.option("--max-packet", default=1 << 20, help="The broker's packet limit; messages over it (or over 512 KiB) travel in chunks.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
 @config_file_option
 def serve(broker, federation, torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir,

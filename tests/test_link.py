@@ -3,13 +3,16 @@ bad packets are refused without hurting the connection, and presence follows the
 import queue
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from wire_protocol.envelope import Message
-from wire_protocol.link import Link, LinkError, parse_broker, wait_for
+from wire_protocol.link import INLINE_BYTES, Link, LinkError, _overlap, parse_broker, wait_for
+
+LARGE = INLINE_BYTES + 4096     # handed to the dispatcher
 from wire_protocol.topics import Topics
 
 
@@ -97,3 +100,54 @@ def test_overlapping_subscriptions_deliver_once_to_each_handler(pair):
     assert wait_for(lambda: len(wide) >= 2, 5)
     time.sleep(0.3)
     assert narrow == [1, 2] and wide == [1, 2]
+
+
+def test_a_filter_added_over_an_earlier_one_does_not_bring_its_retained_messages_again(pair):
+    """The earlier filter is subscribed again, now with an identifier: its handler must not see the retained
+    status twice, and both handlers still get one copy of what follows."""
+    a, b = pair
+    a.publish_json("t/keep/status", {"state": "up"}, retain=True)
+    first, second = queue.Queue(), queue.Queue()
+    b.subscribe_json("t/keep/+", lambda topic, value: first.put(value))
+    assert first.get(timeout=5) == {"state": "up"}
+    b.subscribe_json("t/keep/#", lambda topic, value: second.put(value))
+    assert second.get(timeout=5) == {"state": "up"}           # the new filter's own retained copy
+    a.publish_json("t/keep/status", {"state": "down"})
+    assert first.get(timeout=5) == {"state": "down"} and second.get(timeout=5) == {"state": "down"}
+    time.sleep(0.3)
+    assert first.empty() and second.empty()
+
+
+@pytest.mark.parametrize("a,b,overlap", [
+    ("t/+", "t/#", True), ("t/#", "t", True), ("t/x", "t/x", True), ("t/+/y", "t/x/+", True),
+    ("$share/g/t/+/up", "t/d1/up", True), ("#", "a/b/c", True),
+    ("t/x", "t/y", False), ("t/+", "t/x/y", False), ("t/+/y", "t/x/z", False), ("t", "t/x", False),
+    ("sfp/f/devices/+/up/+", "sfp/f/devices/+/presence", False)])
+def test_filters_overlap_when_some_topic_matches_both(a, b, overlap):
+    assert _overlap(a, b) is overlap and _overlap(b, a) is overlap
+
+
+def test_small_and_large_messages_keep_their_order_however_they_are_handed_over(broker):
+    """Small messages are handled on the network thread, large ones on the dispatcher: a burst that mixes them
+    (and small ones arriving while a slow large one is still being handled) comes out in the order sent."""
+    a, b = (Link(broker, f"test-{n}", max_packet=2 * LARGE).connect() for n in "ab")
+    order, threads, arrived = [], set(), queue.Queue()
+
+    def handler(topic, m):
+        if m.seq == 1:
+            time.sleep(0.3)          # the first large message is still in hand while the rest arrive
+        order.append(m.seq)
+        threads.add(threading.current_thread().name)
+        arrived.put(m.seq)
+    b.subscribe("t/order", handler)
+    big = np.ones(LARGE // 4, np.float32)
+    a.send("t/order", Message("update", "test-a", 1, 0, tensors={"x": np.zeros(8, np.float32)}))
+    assert arrived.get(timeout=5) == 0           # alone: handled on the network thread
+    for seq in range(1, 41):
+        tensors = {"x": big} if seq % 10 == 1 else {"x": np.full(8, seq, np.float32)}
+        a.send("t/order", Message("update", "test-a", 1, seq, tensors=tensors))
+    assert wait_for(lambda: len(order) == 41, 10)
+    assert order == list(range(41))
+    assert any(name.endswith("-dispatch") for name in threads) and len(threads) == 2, threads
+    a.close()
+    b.close()

@@ -2,6 +2,7 @@
 round-trip, and every malformed message is refused with its reason."""
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from simulation.accounting import encode as torch_encode
 from simulation.accounting import wire_bytes
 from wire_protocol.chunking import Reassembler, split
 from wire_protocol.codec import FLOAT_WIRES, decode, encode, encoded_bytes, part_layout
-from wire_protocol.envelope import MAGIC, Message, WireError, pack, unpack
+from wire_protocol.envelope import MAGIC, Message, WireError, frame, pack, unpack
 from wire_protocol.topics import Topics, check_name
 
 
@@ -63,13 +64,27 @@ def test_a_message_round_trips_and_counts_its_payload():
     assert back.wires == {"tokens": "int8", "prompts": "fp32", "blob": "bytes"}
 
 
+def test_the_checksum_is_zlibs_crc32_of_the_payload():
+    """The envelope may use a faster CRC-32 implementation; the value must still be zlib's, or old peers refuse."""
+    x = np.random.default_rng(2).standard_normal((300, 70)).astype(np.float32)
+    header, payload = good_parts(Message("update", "d", tensors={"x": x, "y": x[:3]}, wires={"y": "int8"}))
+    assert header["crc32"] == zlib.crc32(payload) and len(payload) == header["payload"]
+
+
+def test_chunks_cut_from_the_frame_equal_chunks_cut_from_the_joined_message():
+    message = Message("round", "dev", tensors={"a": np.arange(3000, dtype=np.float32),
+                                               "b": np.arange(10, dtype=np.float32)}, wires={"b": "fp16"})
+    for max_packet in (1024, 4000, 12_136, 1 << 20):
+        assert split(frame(message), max_packet, "m") == split(pack(message), max_packet, "m")
+
+
 def rebuild(header: dict, payload: bytes) -> bytes:
     head = json.dumps(header).encode()
     return struct.pack("<4sI", MAGIC, len(head)) + head + payload
 
 
-def good_parts():
-    data = pack(Message("update", "dev-1", 1, 1, {}, {"x": np.ones((2, 3), np.float32)}))
+def good_parts(message=None):
+    data = pack(message or Message("update", "dev-1", 1, 1, {}, {"x": np.ones((2, 3), np.float32)}))
     head_len = struct.unpack_from("<I", data, 4)[0]
     return json.loads(data[8:8 + head_len]), data[8 + head_len:]
 

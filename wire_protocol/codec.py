@@ -6,6 +6,8 @@ is round-half-even of value / scale with scale = max(|row|, 1e-12) / 127. `bytes
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 WIRES = ("fp32", "fp16", "bf16", "int8", "bytes")
@@ -46,19 +48,22 @@ def encode(tensor: np.ndarray, wire: str) -> list[np.ndarray]:
     raise ValueError(f"unknown wire encoding {wire!r}; choose one of {', '.join(WIRES)}")
 
 
+_F32, _F16, _U16, _I8, _U8 = (np.dtype(t) for t in ("<f4", "<f2", "<u2", np.int8, np.uint8))
+
+
 def part_layout(shape: tuple[int, ...], wire: str) -> list[tuple[np.dtype, tuple[int, ...]]]:
     """(dtype, shape) of each part `encode` produces for a tensor of this shape: what a receiver expects."""
     if wire == "fp32":
-        return [(np.dtype("<f4"), shape)]
+        return [(_F32, shape)]
     if wire == "fp16":
-        return [(np.dtype("<f2"), shape)]
+        return [(_F16, shape)]
     if wire == "bf16":
-        return [(np.dtype("<u2"), shape)]
+        return [(_U16, shape)]
     if wire == "int8":
         rows = shape if shape else (1,)
-        return [(np.dtype(np.int8), rows), (np.dtype("<f4"), (*rows[:-1], 1))]
+        return [(_I8, rows), (_F32, (*rows[:-1], 1))]
     if wire == "bytes":
-        return [(np.dtype(np.uint8), shape)]
+        return [(_U8, shape)]
     raise ValueError(f"unknown wire encoding {wire!r}; choose one of {', '.join(WIRES)}")
 
 
@@ -77,4 +82,4 @@ def decode(parts: list[np.ndarray], wire: str, shape: tuple[int, ...]) -> np.nda
 
 
 def encoded_bytes(shape: tuple[int, ...], wire: str) -> int:
-    return sum(dtype.itemsize * int(np.prod(s, dtype=np.int64)) for dtype, s in part_layout(shape, wire))
+    return sum(dtype.itemsize * math.prod(s) for dtype, s in part_layout(shape, wire))

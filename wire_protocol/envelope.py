@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+try:            # the same CRC-32, about 15x faster (SIMD, x86 and ARM); zlib's where zlib-ng has no wheel
+    from zlib_ng.zlib_ng import crc32
+except ImportError:                 # pragma: no cover
+    from zlib import crc32
 
 from wire_protocol.codec import FLOAT_WIRES, WIRES, decode, encode, encoded_bytes, part_layout
 
@@ -27,6 +31,7 @@ VERSION = 1
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER = 1 << 20            # 1 MiB of JSON is far more than any header needs
 MAX_ELEMENTS = 1 << 31          # per tensor
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)    # built once: json.dumps(**options) builds one a call
 TYPES = (
     "enroll", "enrolled", "refused",           # device <-> server: registration and its bundle
     "round", "update", "report",               # a round's plan and global state; the trained tensors; evaluation
@@ -51,8 +56,10 @@ class Message:
     payload_bytes: int = 0                                         # set by pack / unpack
 
 
-def pack(message: Message) -> bytearray:
-    """The message as bytes; sets `payload_bytes` (the encoded tensors alone)."""
+def frame(message: Message) -> list[bytes | np.ndarray]:
+    """The message as a list of buffers, not yet joined: the prefix and header, then each encoded tensor part.
+    `pack` joins them; chunking copies each straight into its packet, so a tensor is copied once on the way out.
+    Sets `payload_bytes` (the encoded tensors alone)."""
     if message.type not in TYPES:
         raise WireError(f"unknown message type {message.type!r}")
     specs, parts = [], []
@@ -64,27 +71,21 @@ def pack(message: Message) -> bytearray:
         parts.extend(np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in encoded)
     size, crc = sum(p.nbytes for p in parts), 0
     for p in parts:
-        crc = zlib.crc32(p, crc)
+        crc = crc32(p, crc)
     header = {"v": VERSION, "type": message.type, "device": message.device, "round": int(message.round),
               "seq": int(message.seq), "meta": message.meta, "tensors": specs, "payload": size, "crc32": crc}
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    head = _JSON.encode(header).encode()
     message.payload_bytes = size
-    out = bytearray(PREFIX.size + len(head) + size)          # the tensors are copied once, straight in
-    PREFIX.pack_into(out, 0, MAGIC, len(head))
-    offset = PREFIX.size + len(head)
-    out[PREFIX.size:offset] = head
-    target = np.frombuffer(out, np.uint8)
-    for p in parts:
-        target[offset:offset + p.nbytes] = p
-        offset += p.nbytes
-    return out
+    return [PREFIX.pack(MAGIC, len(head)) + head, *parts]
 
 
-def _field(header: dict, name: str, kind: type | tuple[type, ...]):
-    value = header.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise WireError(f"header field {name!r} is missing or not {getattr(kind, '__name__', kind)}")
-    return value
+def pack(message: Message) -> bytes:
+    """The message as bytes; sets `payload_bytes`."""
+    return b"".join(frame(message))
+
+
+_HEADER = (("type", str), ("device", str), ("round", int), ("seq", int), ("meta", dict), ("tensors", list),
+           ("payload", int), ("crc32", int))
 
 
 def unpack(data: bytes | bytearray, max_bytes: int | None = None) -> Message:
@@ -99,21 +100,22 @@ def unpack(data: bytes | bytearray, max_bytes: int | None = None) -> Message:
     if head_len > min(MAX_HEADER, len(data) - PREFIX.size):
         raise WireError(f"header length {head_len} exceeds the message")
     try:
-        header = json.loads(data[PREFIX.size:PREFIX.size + head_len])
+        header = json.loads(bytes(data[PREFIX.size:PREFIX.size + head_len]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"header is not JSON: {err}") from None
     if not isinstance(header, dict):
         raise WireError("header is not a JSON object")
     if header.get("v") != VERSION:
         raise WireError(f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})")
-    kind = _field(header, "type", str)
+    values = [header.get(name) for name, _ in _HEADER]
+    for (name, kind), value in zip(_HEADER, values):
+        if type(value) is not kind:        # JSON gives exact types: a bool is not an int here
+            raise WireError(f"header field {name!r} is missing or not {kind.__name__}")
+    kind, device, round_index, seq, meta, specs, declared, crc = values
     if kind not in TYPES:
         raise WireError(f"unknown message type {kind!r}")
-    device, round_index, seq = _field(header, "device", str), _field(header, "round", int), _field(header, "seq", int)
-    meta, specs = _field(header, "meta", dict), _field(header, "tensors", list)
-    declared, crc = _field(header, "payload", int), _field(header, "crc32", int)
     payload = memoryview(data)[PREFIX.size + head_len:]
-    layouts, names, wires, total = [], [], {}, 0
+    layouts, wires, total = [], {}, 0
     for spec in specs:
         if not isinstance(spec, dict):
             raise WireError("a tensor spec is not an object")
@@ -123,28 +125,27 @@ def unpack(data: bytes | bytearray, max_bytes: int | None = None) -> Message:
         if wire not in WIRES:
             raise WireError(f"tensor {name}: unknown wire encoding {wire!r}")
         if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                or not all(type(d) is int and d >= 0 for d in shape)):
             raise WireError(f"tensor {name}: shape {shape!r} is not a list of non-negative integers")
         if math.prod(shape) > MAX_ELEMENTS or (wire == "int8" and not shape):
             raise WireError(f"tensor {name}: shape {shape} is not acceptable")
-        names.append(name)
         wires[name] = wire
-        layouts.append((name, tuple(shape), wire))
-        total += encoded_bytes(tuple(shape), wire)
+        parts = [(dtype, part_shape, math.prod(part_shape)) for dtype, part_shape in part_layout(tuple(shape), wire)]
+        layouts.append((name, tuple(shape), wire, parts))
+        total += sum(dtype.itemsize * count for dtype, _, count in parts)
     if total != declared or declared != len(payload):
         raise WireError(f"declared tensors need {total} bytes, header says {declared}, payload is {len(payload)}")
-    if zlib.crc32(payload) != crc:
+    if crc32(payload) != crc:
         raise WireError("payload checksum mismatch: corrupted in transit")
     tensors, offset = {}, 0
-    for name, shape, wire in layouts:
-        parts = []
-        for dtype, part_shape in part_layout(shape, wire):
-            count = math.prod(part_shape)
-            parts.append(np.frombuffer(payload, dtype, count, offset).reshape(part_shape))
+    for name, shape, wire, parts in layouts:
+        arrays = []
+        for dtype, part_shape, count in parts:
+            arrays.append(np.frombuffer(payload, dtype, count, offset).reshape(part_shape))
             offset += count * dtype.itemsize
-        value = decode(parts, wire, shape)
-        # One pass, no copy: a float64 sum of float32 values cannot overflow, so it is finite iff they all are.
-        if wire in FLOAT_WIRES and not np.isfinite(value.sum(dtype=np.float64)):
+        value = decode(arrays, wire, shape)
+        # A bool mask and its all(): 4x faster at 1 MB than the float64 sum this replaced (bench/transport.py).
+        if wire in FLOAT_WIRES and not np.isfinite(value).all():
             raise WireError(f"tensor {name} holds NaN or Inf")
         tensors[name] = value
     return Message(kind, device, round_index, seq, meta, tensors, wires, len(payload))

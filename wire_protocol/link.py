@@ -1,10 +1,13 @@
 """One MQTT 5 connection that speaks the protocol: messages out (chunked to the packet limit), messages in
 (reassembled, checked, handed to the subscriber), retained JSON for status, and the bytes counted both ways.
 
-paho-mqtt 2.x runs the network in its own thread; received messages are checked and handed to the handlers on a
-second thread, in arrival order, so the handlers must still be quick (hand long work to a queue). A message
-that fails its checks never reaches a handler: it is counted under its kind, logged, and passed to
-`on_refused`, and the connection carries on.
+paho-mqtt 2.x runs the network in its own thread. A small received message is checked and handed to its handlers
+right there; a large one (at least `INLINE_BYTES`), and anything that arrives while one is still being handled,
+goes to a second thread, so the CRC and copies of a large tensor overlap the reading of the next, and arrival order
+holds either way. Handing over costs a thread wake-up per message (measured: about half the receiver's CPU at
+64 KB, bench/transport.py), which is why small messages are not handed over. Handlers must be quick either way
+(hand long work to a queue). A message that fails its checks never reaches a handler: it is counted under its
+kind, logged, and passed to `on_refused`, and the connection carries on.
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from sfp_common.errors import ServiceError
-from wire_protocol.chunking import Reassembler, split
-from wire_protocol.envelope import Message, WireError, pack, unpack
+from wire_protocol.chunking import CHUNK_BYTES, Reassembler, split
+from wire_protocol.envelope import Message, WireError, frame, unpack
 
 log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, Message], None]
+INLINE_BYTES = 256 << 10      # received payloads below this are handled on the network thread when nothing waits
 JsonHandler = Callable[[str, Any], None]
 
 
@@ -112,9 +116,12 @@ class Link:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self._subacks: dict[int, threading.Event] = {}     # mid -> set by its SUBACK
+        self._tagging: dict[int, int] = {}                 # mid -> the subscription it tags, from its SUBACK on
+        self._tagged: set[int] = set()                     # subscriptions with an identifier (overlapping ones)
         self._suback_lock = threading.Lock()               # apart from _lock, which every delivery takes
         self.client.on_message = self._on_message
         self._inbox: queue.Queue = queue.Queue(maxsize=32)   # full: the network thread waits (backpressure)
+        self._pending = 0                                    # handed to the dispatcher, not yet handled
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"{client_id}-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -154,8 +161,11 @@ class Link:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # paho never sets it: 64 KB stalls
         with self._lock:
             topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
+            self._tagged = {i for i, t in topics if any(_overlap(t, u) for j, u in topics if j != i)}
+            tagged = set(self._tagged)
         for sub_id, topic in topics:          # again after a reconnect: the session is clean
-            client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+            client.subscribe(topic, options=SubscribeOptions(qos=1),
+                             properties=_identified(sub_id) if sub_id in tagged else None)
         self._connections += 1
         self._connected.set()
         if self.on_connect is not None:
@@ -186,8 +196,7 @@ class Link:
     # ------------------------------------------------------------------ out
     def send(self, topic: str, message: Message) -> int:
         """Publish one protocol message (chunked if needed); returns the bytes published."""
-        data = pack(message)
-        packets = split(data, self.max_packet, f"{self.client_id}.{next(self._ids)}")
+        packets = split(frame(message), min(self.max_packet, CHUNK_BYTES), f"{self.client_id}.{next(self._ids)}")
         for packet in packets:
             self._last_publish = self.client.publish(topic, packet, qos=1)
         with self._lock:
@@ -246,17 +255,38 @@ class Link:
 
     def _add(self, topic: str, raw: Callable[[str, bytes], None]) -> None:
         """Register a handler; once connected, return only when the broker has confirmed the subscription
-        (its SUBACK): retained messages are then on their way and nothing published afterwards is missed."""
-        event = None
+        (its SUBACK): retained messages are then on their way and nothing published afterwards is missed.
+
+        A filter that overlaps another of this connection's (a/+ and a/#) is subscribed with an MQTT 5
+        subscription identifier, and the other one again with its own: the broker tags each delivery with the
+        subscriptions it is for, so every handler gets one copy. Filters that overlap nothing go untagged,
+        because paho copies the whole payload once more for every property it parses (measured: 300 us of
+        the receiver's 1,500 at 1 MB, bench/transport.py)."""
         with self._lock:
             self._handlers.append((topic, raw))
             sub_id = len(self._handlers)
+            overlapping = [i for i, (t, _) in enumerate(self._handlers[:-1], 1) if _overlap(t, topic)]
+            if overlapping:
+                self._tagged.add(sub_id)
         if not self._connected.is_set():
             return              # subscribed by _on_connect
+        for i in overlapping:
+            if i not in self._tagged:   # tagged from its SUBACK on; untagged deliveries before it still reach it
+                self._subscribe(self._handlers[i - 1][0], i, tagged=True, retain_handling=1)
+        self._subscribe(topic, sub_id, tagged=bool(overlapping))
+
+    def _subscribe(self, topic: str, sub_id: int, tagged: bool, retain_handling: int = 0) -> None:
+        """SUBSCRIBE, and wait for the SUBACK unless called on a thread that delivers it. retain_handling 1:
+        no retained messages again for a filter subscribed before."""
+        event = None
         with self._suback_lock:     # held until the mid is registered: _on_subscribe takes it before looking
-            result, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1), properties=_identified(sub_id))
+            result, mid = self.client.subscribe(
+                topic, options=SubscribeOptions(qos=1, retainHandling=retain_handling),
+                properties=_identified(sub_id) if tagged else None)
             if result != mqtt.MQTT_ERR_SUCCESS:
                 raise LinkError(f"cannot subscribe to {topic}: {mqtt.error_string(result)}")
+            if tagged:
+                self._tagging[mid] = sub_id
             # paho's thread delivers the SUBACK, and blocks while the dispatcher's inbox is full: neither may wait
             if threading.current_thread() not in (getattr(self.client, "_thread", None), self._dispatcher):
                 event = self._subacks[mid] = threading.Event()
@@ -268,41 +298,68 @@ class Link:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._suback_lock:
             event = self._subacks.pop(mid, None)
+            sub_id = self._tagging.pop(mid, None)
+        if sub_id is not None:
+            with self._lock:
+                self._tagged.add(sub_id)
         if event is not None:
             event.set()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        # Each subscription carries an MQTT 5 subscription identifier, and the broker tags each delivery with the
-        # subscriptions it is for: with overlapping filters (a/+ and a/#) every handler still gets one copy.
+        # A delivery for overlapping filters carries their subscription identifiers (see _add); any other
+        # matches exactly one untagged filter.
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         with self._lock:
             self.traffic.received += len(msg.payload)
             if ids:
                 handlers = [raw for i, (_, raw) in enumerate(self._handlers, 1) if i in ids]
             else:
-                handlers = [raw for topic, raw in self._handlers
-                            if mqtt.topic_matches_sub(_plain(topic), msg.topic)]
-        self._inbox.put((msg.topic, msg.payload, handlers))
+                handlers = [raw for i, (topic, raw) in enumerate(self._handlers, 1)
+                            if i not in self._tagged and mqtt.topic_matches_sub(_plain(topic), msg.topic)]
+            inline = not self._pending and len(msg.payload) < INLINE_BYTES
+            if not inline:
+                self._pending += 1      # only this thread adds; nothing overtakes what is pending
+        if inline:
+            self._handle(msg.topic, msg.payload, handlers)
+        else:
+            self._inbox.put((msg.topic, msg.payload, handlers))
 
     def _dispatch(self) -> None:
-        """Checks and handlers run here, in arrival order, so the network thread goes on reading the socket (and
-        answering keepalives) meanwhile; CRC-32, copies and decoding release the GIL for large tensors."""
+        """Large messages (and what arrives behind them) are checked and handled here, in arrival order, so the
+        network thread goes on reading the socket (and answering keepalives) meanwhile; CRC-32, copies and
+        decoding release the GIL for large tensors."""
         while True:
             item = self._inbox.get()
             if item is None:
                 return
-            topic, payload, handlers = item
-            for raw in handlers:
-                try:
-                    raw(topic, payload)
-                except Exception:   # a handler's bug must not stop the dispatcher
-                    log.exception("%s: handler for %s failed", self.client_id, topic)
+            self._handle(*item)
+            with self._lock:
+                self._pending -= 1
+
+    def _handle(self, topic: str, payload: bytes, handlers: list[Callable[[str, bytes], None]]) -> None:
+        for raw in handlers:
+            try:
+                raw(topic, payload)
+            except Exception:   # a handler's bug must not stop the network thread or the dispatcher
+                log.exception("%s: handler for %s failed", self.client_id, topic)
 
 
 def _identified(sub_id: int) -> Properties:
     props = Properties(PacketTypes.SUBSCRIBE)
     props.SubscriptionIdentifier = sub_id
     return props
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters."""
+    x, y = _plain(a).split("/"), _plain(b).split("/")
+    for p, q in zip(x, y):
+        if "#" in (p, q):
+            return True
+        if p != q and "+" not in (p, q):
+            return False
+    longer = x if len(x) > len(y) else y
+    return len(x) == len(y) or (abs(len(x) - len(y)) == 1 and longer[-1] == "#")     # a/# matches a
 
 
 def _plain(topic: str) -> str:
