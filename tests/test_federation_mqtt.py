@@ -46,9 +46,7 @@ def setup(tmp_path_factory):
     cfg_dict = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.35], "interpolation": "bilinear",
                 "num_classes": 10}
     checkpoint = str(save_checkpoint(vit, root / "tiny.pth", "vit_tiny_patch16_224", kwargs, cfg_dict))
-    cfg = SimConfig(method="sfprompt", dataset="digits", model=checkpoint, clients=DEVICES, rounds=ROUNDS,
-                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), recipe=TRAIN, train_samples=300)
-    fed = Federation(cfg)
+    fed = reference_federation(checkpoint, TRAIN)
     initial = state_of(fed.client_params)
     reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
     shares = []
@@ -59,13 +57,19 @@ def setup(tmp_path_factory):
             "final": state_of(fed.client_params), "shares": shares, "classes": fed.train_set}
 
 
-def profile_file(folder: Path, backend: str, batch_size: int = TRAIN.batch_size) -> Path:
+def reference_federation(checkpoint: str, recipe: Recipe) -> Federation:
+    cfg = SimConfig(method="sfprompt", dataset="digits", model=checkpoint, clients=DEVICES, rounds=ROUNDS,
+                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), recipe=recipe, train_samples=300)
+    return Federation(cfg)
+
+
+def profile_file(folder: Path, backend: str, batch_size: int = TRAIN.batch_size, wire: str = TRAIN.wire) -> Path:
     """The devices' profile: the reference's batch size and wire dtype, a small packet limit (chunking on)."""
-    path = folder / f"profile-{backend}-{batch_size}.json"
+    path = folder / f"profile-{backend}-{batch_size}-{wire}.json"
     path.write_text(json.dumps({
         "name": f"test-{backend}", "description": "test device", "match": {}, "backend": backend,
         "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": batch_size, "max_head_blocks": 0,
-        "wire": TRAIN.wire, "max_packet": 16384, "keepalive": 5}))
+        "wire": wire, "max_packet": 16384, "keepalive": 5}))
     return path
 
 
@@ -90,7 +94,7 @@ class Run:
 
     def __init__(self, setup: dict, broker: str, name: str, workers: int = 1, rounds: int = ROUNDS,
                  batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES, tls: bool = False,
-                 own_broker: bool = False) -> None:
+                 own_broker: bool = False, wire: str = TRAIN.wire) -> None:
         self.setup, self.name = setup, name
         self.folder = setup["root"] / name
         self.folder.mkdir()
@@ -132,7 +136,7 @@ class Run:
             assert token.returncode == 0, token.stderr
             enrolled = subprocess.run(
                 [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, *ca,
-                 "--token", token.stdout.strip(), "--profile", str(profile_file(self.folder, backend, batch_sizes[c])),
+                 "--token", token.stdout.strip(), "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire)),
                  "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
                  "--state", str(device_state), "--timeout", "120"],
                 env=ENV, capture_output=True, text=True, timeout=180)
@@ -232,6 +236,27 @@ def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
     assert len(presences) == DEVICES
     assert {(p["state"], p["cause"]) for p in presences.values()} == {("offline", "stopped")}  # a clean stop says so
     assert {s["activity"] for s in retained(broker, Topics(run.name).all_status()).values()} == {"stopped"}
+
+
+def test_int8_tokens_through_the_mqtt_federation_give_the_reference_numbers(setup, broker):
+    """Devices whose profile sends int8 smashed tokens (and receives int8 gradients): the global tensors and
+    every round's bytes equal the reference federation's at int8, so its measured accuracy cost (three seeds,
+    bench/results/precision/) is the MQTT federation's."""
+    fed = reference_federation(setup["checkpoint"], TRAIN.but(wire="int8"))
+    reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
+    run = Run(setup, broker, "fed-int8", wire="int8")
+    try:
+        summaries = run.finish()
+        error = worst_error(global_state(run.folder), state_of(fed.client_params))
+        print(f"int8 tokens: worst relative error of the global prompts and tail after {ROUNDS} rounds {error:.1e}")
+        assert error <= 1e-4, run.logs()
+        for summary, ref in zip(summaries, reference):
+            assert summary["kept_samples"] == ref["kept_samples"]
+            assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
+        fp16 = setup["reference"][-1]
+        assert reference[-1]["bytes_up"] < fp16["bytes_up"]        # int8 tokens went up, not fp16 ones
+    finally:
+        run.close()
 
 
 def watch(broker: str, name: str) -> tuple[Link, dict]:
