@@ -155,7 +155,8 @@ class DeviceAgent:
         self.publish_status(activity="starting", round=index)
         memory = self.memory.begin(index)
         result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote, memory,
-                           on_phase=lambda phase: self.publish_status(activity=phase))
+                           on_phase=lambda phase: self.publish_status(activity=phase),
+                           embed_cache_bytes=self.profile.embed_cache_mb << 20)
         self.publish_status(activity="uploading")
         mqtt0 = self.link.traffic.sent - sent_raw0
         up = self.link.traffic.payload_sent - sent0 + sum(encoded_bytes(v.shape, "fp32")

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_client.runtime import (ClientRuntime, TailStep, check_batch, check_features, check_labels,
                                  check_server_grad)
-from sfp_common.bundle import BundleError, Manifest, state_key
+from sfp_common.bundle import EMBED, BundleError, Manifest, state_key
 
 
 def training_api():
@@ -62,6 +62,8 @@ class TrainingRuntime(ClientRuntime):
             self.front = api.Module(path["front_training"], self.state, path["front_eval"], session_options=options)
             self.tail = api.Module(path["tail_training"], self.state, path["tail_eval"], session_options=options)
             self.split_optimizer = api.Optimizer(path["optimizer"], self.tail)
+            self.embedder = (ort.InferenceSession(path[EMBED], options, providers=["CPUExecutionProvider"])
+                             if EMBED in path else None)
         except BundleError:
             raise
         except Exception as err:   # onnxruntime raises its own exception types for unreadable artifacts
@@ -91,8 +93,16 @@ class TrainingRuntime(ClientRuntime):
         return named
 
     # --------------------------------------------------------------------- backend operations
-    def smash(self, images: np.ndarray) -> np.ndarray:
+    def front_tokens(self, images: np.ndarray) -> np.ndarray:
         return self._call(self.front, False, images=check_batch(images, self.manifest))["tokens"]
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if self.embedder is None:
+            raise BundleError("this bundle has no embed graph")
+        return self.embedder.run(["embedded"], {"images": check_batch(images, self.manifest)})[0]
+
+    def prompts(self) -> np.ndarray:
+        return self._get("head.prompts")
 
     def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep:
         if self.pending_lr is not None:

@@ -62,7 +62,9 @@ def replay_step(runtime: ClientRuntime, case: Case, report: ParityReport) -> Non
         report.note("local_step logits", max_rel(logits, case["logits"]), OUTPUT_TOL)
     else:
         tag = "split step"
-        report.note("front tokens", max_rel(runtime.smash(x), case["tokens"]), OUTPUT_TOL)
+        report.note("front tokens", max_rel(runtime.front_tokens(x), case["tokens"]), OUTPUT_TOL)
+        if runtime.manifest.embeds:     # what the device sends: the embed graph's tokens, prompts put in
+            report.note("embedded tokens + prompts", max_rel(runtime.smash(x), case["tokens"]), OUTPUT_TOL)
         if "tail_logits" in case:
             report.note("tail_logits", max_rel(runtime.tail_logits(case["features"]), case["tail_logits"]),
                         OUTPUT_TOL)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from edge_client.runtime import (ClientRuntime, TailStep, check_batch, check_features, check_labels,
                                   check_server_grad)
-from sfp_common.bundle import NEW, BundleError, Manifest, param_key, state_key
+from sfp_common.bundle import EMBED, NEW, BundleError, Manifest, param_key, state_key
 
 BATCH_INPUTS = ("images", "labels", "features", "upstream", "prompt_grad", "step", "lr")
 
@@ -61,8 +61,14 @@ class PortableRuntime(ClientRuntime):
     def _scalar(value: float) -> np.ndarray:
         return np.array(value, dtype=np.float32)
 
-    def smash(self, images: np.ndarray) -> np.ndarray:
+    def front_tokens(self, images: np.ndarray) -> np.ndarray:
         return self._run("front", images=check_batch(images, self.manifest))["tokens"]
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self._run(EMBED, images=check_batch(images, self.manifest))["embedded"]
+
+    def prompts(self) -> np.ndarray:
+        return self.values[param_key("head.prompts")]
 
     def _tail(self, features: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, np.ndarray]:
         features = check_features(features, self.manifest)

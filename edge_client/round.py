@@ -36,9 +36,12 @@ class RoundResult:
 
 def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, plan: RoundPlan,
               server: SplitServer, memory: SampleMemory,
-              on_phase: Callable[[str], None] = lambda phase: None) -> RoundResult:
+              on_phase: Callable[[str], None] = lambda phase: None,
+              embed_cache_bytes: int | None = None) -> RoundResult:
     """Train from the trainables already loaded (the global state) with a fresh optimizer. `memory` (this device's
-    scores and cached features) is updated in place: hand in a copy when the round may have to be undone."""
+    scores and cached features) is updated in place: hand in a copy when the round may have to be undone.
+    `embed_cache_bytes`: the most memory the kept samples' embedded tokens may take (the profile's; None: no
+    limit); beyond it each split batch embeds its images again (the same numbers, more compute)."""
     recipe = plan.recipe
     runtime.reset_optimizer()
     rng = np.random.default_rng(plan.seed)
@@ -53,13 +56,15 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
             for idx in batch_order(n, recipe.batch_size, rng):
                 runtime.local_step(images[idx], labels[idx], recipe.lr)
     on_phase("split training")
+    embedded = embed_once(runtime, images, kept, recipe.batch_size, embed_cache_bytes)
     loss_sum = 0.0
     for _ in range(recipe.epochs):
         loss_sum = 0.0
         for idx in batch_order(len(kept), recipe.batch_size, rng):
             rows = kept[idx]
             x, y = images[rows], labels[rows]
-            features = server.forward(runtime.smash(x))
+            tokens = runtime.smash(x) if embedded is None else runtime.attach_prompts(embedded[idx])
+            features = server.forward(tokens)
             step = runtime.tail_step(features, y, recipe.lr)
             grad = server.backward(step.dfeatures)
             runtime.prompt_step(grad, recipe.lr, images=None if runtime.manifest.prompt_gradient_only else x)
@@ -73,3 +78,14 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
                 rows = cached[idx]
                 runtime.tail_only_step(memory.features[rows].astype(np.float32), labels[rows], recipe.lr)
     return RoundResult(runtime.trainables(), n, len(kept), loss_sum)
+
+
+def embed_once(runtime: ClientRuntime, images: np.ndarray, kept: np.ndarray, batch_size: int,
+               budget: int | None) -> np.ndarray | None:
+    """The kept samples' embedded tokens, in `kept`'s order, computed once for every split pass of the round (the
+    embedding is frozen and, with no head blocks, prompt-free); None when the bundle has no embed graph or they
+    would take more than `budget` bytes."""
+    m = runtime.manifest
+    if not m.embeds or not len(kept) or (budget is not None and len(kept) * (m.num_tokens - m.prompts) * m.embed_dim * 4 > budget):
+        return None
+    return np.concatenate([runtime.embed(images[kept[i:i + batch_size]]) for i in range(0, len(kept), batch_size)])

@@ -1,6 +1,7 @@
 """What a device can do with its bundle, whichever backend trains it: one interface, two implementations.
 
-A split batch is three calls: `smash` (images -> tokens for the server), `tail_step` (the server's features ->
+A split batch is three calls: `smash` (images -> tokens for the server; with no head blocks, `embed` once per
+sample per round and `attach_prompts` per batch, as `edge_client/round.py` does), `tail_step` (the server's features ->
 loss, logits, the gradient the server needs, and the tail updated), `prompt_step` (the server's gradient -> the
 prompts updated). `tail_only_step` trains the tail on features kept from earlier rounds (the default local-loss
 update); `local_step` and `local_logits` are the paper's body-skipped local path (its local update and EL2N);
@@ -39,7 +40,16 @@ class ClientRuntime(ABC):
 
     # --------------------------------------------------------------------- backend operations
     @abstractmethod
-    def smash(self, images: np.ndarray) -> np.ndarray: ...
+    def front_tokens(self, images: np.ndarray) -> np.ndarray:
+        """The front graph: images -> smashed tokens, prompts (and head blocks) included."""
+
+    @abstractmethod
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """The embed graph (bundles with `manifest.embeds`): images -> the frozen patch + position embedding."""
+
+    @abstractmethod
+    def prompts(self) -> np.ndarray:
+        """The current prompts [P, D] (a view: do not change it)."""
 
     @abstractmethod
     def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep: ...
@@ -77,6 +87,21 @@ class ClientRuntime(ABC):
     def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None: ...
 
     # --------------------------------------------------------------------- shared behaviour
+    def smash(self, images: np.ndarray) -> np.ndarray:
+        """The smashed tokens for the server."""
+        return self.attach_prompts(self.embed(images)) if self.manifest.embeds else self.front_tokens(images)
+
+    def attach_prompts(self, embedded: np.ndarray) -> np.ndarray:
+        """`Head.attach_prompts` (export/split.py): cls/register tokens, the current prompts, the patch tokens."""
+        m = self.manifest
+        if embedded.ndim != 3 or embedded.shape[1:] != (m.num_tokens - m.prompts, m.embed_dim) or not len(embedded):
+            raise BundleError(f"embedded tokens must be [B, {m.num_tokens - m.prompts}, {m.embed_dim}], "
+                              f"got {list(embedded.shape)}")
+        prompts = self.prompts()
+        n = m.num_prefix_tokens
+        return np.concatenate([embedded[:, :n], np.broadcast_to(prompts, (len(embedded), *prompts.shape)),
+                               embedded[:, n:]], axis=1, dtype=np.float32)
+
     def load_trainables(self, tensors: dict[str, np.ndarray]) -> None:
         """Replace prompts and tail (the global state from the server), after checking names, shapes, values."""
         check_trainables(self.manifest, tensors, "received trainables")

@@ -22,7 +22,7 @@ import torch
 from edge_client.parity import replay, save_cases
 from edge_client.runtime import open_runtime
 from export.backbone import ModelSource, create_vit, preprocessing_of
-from export.onnx_graphs import OPSET, build_forward_graphs, build_portable_graphs
+from export.onnx_graphs import OPSET, build_embed_graph, build_forward_graphs, build_portable_graphs
 from export.ort_artifacts import FORWARD
 from export.split import SplitViT
 from sfp_common.split_spec import SplitSpec
@@ -90,6 +90,7 @@ def export_bundle(model: SplitViT, preprocessing: Preprocessing, out: str | Path
         else:
             graphs = {role: role if role == "checkpoint" else f"{role}.onnx" for role in GRAPH_ROLES[backend]}
             build_forward_graphs(model, staging / FORWARD, progress)
+        graphs.update(build_embed_graph(model, staging, progress))
         manifest = manifest_for(model, preprocessing, model_id, optimizer, backend, graphs)
         if backend == "training":
             (staging / MANIFEST).write_text(manifest.to_json())

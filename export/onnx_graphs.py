@@ -50,6 +50,18 @@ class Front(nn.Module):
         return self.head(images)
 
 
+class Embed(nn.Module):
+    """The frozen patch + position embedding alone: with no head blocks the smashed tokens are these with the
+    prompts put in (`Head.attach_prompts`), so a device computes them once per sample per round."""
+
+    def __init__(self, model: SplitViT) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head.embed(images)
+
+
 class TailLogits(nn.Module):
     def __init__(self, model: SplitViT) -> None:
         super().__init__()
@@ -316,6 +328,19 @@ def build_portable_graphs(model: SplitViT, opt: OptimizerSpec, out_dir: str | Pa
     save("local_step", Lifted(program, local_names, opt, 2), args, [True, True] + [False] * (len(args) - 2),
          ["images", "labels"] + ins + step_io[0], ["loss", "logits"] + outs + step_io[1])
     return graphs
+
+
+def build_embed_graph(model: SplitViT, out_dir: str | Path, progress=lambda message: None) -> dict[str, str]:
+    """Both backends' `embed` graph (images -> embedded tokens, no trainables), for bundles without head
+    blocks; {} with head blocks (the tokens the head blocks see carry the prompts)."""
+    if model.spec.head_blocks:
+        return {}
+    model = prepare_for_export(model)
+    channels, height, width = image_shape(model)
+    progress("exporting the embed graph")
+    _export(Embed(model), [torch.randn(EXPORT_BATCH, channels, height, width)], [True], Path(out_dir) / "embed.onnx",
+            ["images"], ["embedded"], varargs=False)
+    return {"embed": "embed.onnx"}
 
 
 def build_forward_graphs(model: SplitViT, out_dir: str | Path, progress=lambda message: None) -> dict[str, str]:

@@ -35,6 +35,9 @@ GRAPH_ROLES = {
                  "front_eval", "optimizer"),
 }
 BACKENDS = tuple(GRAPH_ROLES)
+# Either backend, bundles without head blocks: `embed` (images -> the frozen patch + position embedding), so a device
+# embeds each sample once per round and puts the current prompts in itself. Bundles exported before it had none.
+EMBED = "embed"
 
 
 def param_key(name: str) -> str:
@@ -103,6 +106,11 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)        # file -> sha256
     verification: dict[str, Any] = field(default_factory=dict)  # what the exporter checked, and the errors seen
     format_version: int = FORMAT_VERSION
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the smashed tokens are the embed graph's output with the prompts put in (no head blocks)."""
+        return self.head_blocks == 0 and EMBED in self.graphs
 
     @property
     def prompt_gradient_only(self) -> bool:

@@ -116,13 +116,16 @@ class SplitBatch:
 
 def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                meter: ClientMeter, client_opt: torch.optim.Optimizer,
-               server_opt: torch.optim.Optimizer | None, traffic: str = "ours") -> SplitBatch:
-    """One batch of split training: head on the client, body on the server, tail on the client, and back."""
+               server_opt: torch.optim.Optimizer | None, traffic: str = "ours",
+               embedded: torch.Tensor | None = None) -> SplitBatch:
+    """One batch of split training: head on the client, body on the server, tail on the client, and back.
+    `embedded`: the batch's embedded tokens, computed earlier in the round (no head blocks): only the prompts are
+    put in here."""
     ours = traffic == "ours"
     act_wire = recipe.wire if ours else "fp32"
     with meter.client_compute():
         client_opt.zero_grad()
-        smashed = model.head(x)
+        smashed = model.head(x) if embedded is None else model.head.blocks(model.head.attach_prompts(embedded))
     tokens = meter.up(smashed, act_wire).requires_grad_(True)                     # server
     body_out = model.body(tokens)
     needed = body_out[:, model.tail.pooled_positions(body_out.shape[1])] if ours else body_out
@@ -210,12 +213,17 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
             for i in batches(n, bs, rng):
                 local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model.forward_local)
     counting = data.x_train.is_meta
+    embedded = None
+    if _sends_prompt_gradient_only(model, method, traffic) and len(kept):
+        # the frozen embedding, prompt-free with no head blocks: once per kept sample per round, as a device does
+        with meter.client_compute(), torch.no_grad():
+            embedded = model.head.embed(data.x_train[torch.from_numpy(kept)])
     for _ in range(recipe.epochs):
         loss_sum = torch.zeros(())
         for i in batch_order(len(kept), bs, rng):
             idx = torch.from_numpy(kept[i])
             step = split_step(model, method, recipe, data.x_train[idx], data.y_train[idx], meter, client_opt,
-                              server_opt, traffic)
+                              server_opt, traffic, None if embedded is None else embedded[torch.from_numpy(i)])
             loss_sum = loss_sum + step.loss_sum
             if not counting:
                 memory.record(kept[i], step.logits.numpy(), data.y_train[idx].numpy(), step.features.numpy(),

@@ -78,3 +78,31 @@ def test_device_rounds_reproduce_the_reference_federation(digits_checkpoint, tmp
         assert worst <= 1e-4, r
     start = Federation(cfg)
     assert any(not np.allclose(global_state[n], v) for n, v in state_of(start.client_params).items())
+
+
+def test_with_no_head_blocks_a_device_embeds_each_kept_sample_once_per_round(digits_checkpoint, tmp_path):
+    """Two split passes over the kept half: the embed graph sees each kept image once, and the round equals the
+    one that embeds every batch again (a device whose profile leaves no memory for the cache)."""
+    train = METHODS["sfprompt"].recipe.but(lr=3e-3, batch_size=16, epochs=2, wire="fp16")
+    cfg = SimConfig(method="sfprompt", dataset="digits", model=digits_checkpoint, clients=1, rounds=1,
+                    seed=7, spec=SplitSpec(2, 0, 0), recipe=train, train_samples=200)
+    fed = Federation(cfg)
+    export_bundle(copy.deepcopy(fed.model), fed.preprocessing, tmp_path / "bundle", "digits", train.optimizer)
+    data, plan = fed.clients[0], RoundPlan(train, client_seed(cfg.seed, 1, 0))
+    embedded, uploads = {}, {}
+    for budget in (None, 0):
+        runtime = open_runtime(tmp_path / "bundle")
+        assert runtime.manifest.embeds
+        runtime.load_trainables(state_of(fed.client_params))
+        calls, embed = embedded.setdefault(budget, []), runtime.embed
+        runtime.embed = lambda images, calls=calls, embed=embed: calls.append(len(images)) or embed(images)
+        memory = SampleMemory.empty(data.num_train)
+        memory.scores[:] = np.arange(data.num_train, dtype=np.float32)      # all scored: the round keeps half
+        result = run_round(runtime, data.x_train.numpy(), data.y_train.numpy(), plan,
+                           TorchBody(copy.deepcopy(fed.model), train.wire), memory, embed_cache_bytes=budget)
+        assert result.kept == data.num_train // 2
+        uploads[budget] = result.upload
+    assert sum(embedded[None]) == result.kept                       # once each
+    assert sum(embedded[0]) == result.kept * train.epochs           # every pass
+    for name, value in uploads[None].items():
+        np.testing.assert_allclose(uploads[0][name], value, rtol=1e-6, atol=1e-7)

@@ -27,13 +27,15 @@ class Profile:
     max_packet: int               # MQTT packet limit: larger messages are chunked
     keepalive: int
     match: dict
+    embed_cache_mb: int = 256     # the most memory a round's embedded tokens may take (edge_client/round.py)
 
     def __post_init__(self) -> None:
-        numbers = (self.threads, self.batch_size, self.max_head_blocks, self.max_packet, self.keepalive)
+        numbers = (self.threads, self.batch_size, self.max_head_blocks, self.max_packet, self.keepalive,
+                   self.embed_cache_mb)
         if (self.backend not in BACKENDS or self.wire not in FLOAT_WIRES
                 or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
                 or self.threads < 1 or not 1 <= self.batch_size <= 4096 or self.max_head_blocks < 0
-                or self.max_packet < 4096 or self.keepalive < 1):
+                or self.max_packet < 4096 or self.keepalive < 1 or self.embed_cache_mb < 0):
             raise ConfigError(f"profile {self.name} has values out of range: {self}")
 
     def as_dict(self) -> dict:
