@@ -82,9 +82,12 @@ bench: backbone $(ORT_TRAINING_VENV)/installed
 bench-quick: backbone $(ORT_TRAINING_VENV)/installed
 	SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python bench/suite.py --quick
 
-# On-device step time and peak memory, both backends against PyTorch, ViT-Tiny and ViT-B/16 (about 5 min).
+# On-device step time and peak memory, both backends against PyTorch, ViT-Tiny and ViT-B/16 (about 5 min), then a
+# whole device round with the patch tokens embedded once per round against once per split batch.
 bench-device: setup $(ORT_TRAINING_VENV)/installed
-	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py --training-python $(ORT_TRAINING_VENV)/bin/python
+	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py --round-samples 0 --training-python $(ORT_TRAINING_VENV)/bin/python
+	OMP_NUM_THREADS=1 $(BIN)/python bench/device_step.py --batches none --round-samples 256 --round-reps 3 \
+		--training-python $(ORT_TRAINING_VENV)/bin/python --out bench/results/device-round
 
 # The server's serving path against its bare body (1, 8, 64 simulated devices), and the protocol's goodput over
 # Mosquitto against raw paho publishes (64 KB to 20 MB); a few minutes each.

@@ -9,6 +9,12 @@ runs in a fresh process with one thread, so its peak RSS is its own:
 Two steps are timed, median of `--reps` after warm-up: the local-loss step, and the client's part of a split
 batch (smash + tail step + prompt update; the server's features and gradient are given).
 
+Then a whole round as the device runs it (`edge_client/round.py`, the default recipe: split EL2N keeps half, two
+split passes, five tail passes on cached features), a round after the first, on `--round-samples` images, the
+server answering at once (its time is not the device's): with the patch tokens embedded once per round (the
+profile's cache) and with them embedded again for every split batch (no cache, as before the embed graph), the
+two interleaved in one process, median of `--round-reps`.
+
     python bench/device_step.py [--models vit_tiny_patch16_224,vit_base_patch16_224] [--batches 8,32]
                                 [--reps 20] [--backends portable,training] [--training-python PY]
                                 [--out bench/results/device-step]
@@ -20,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +86,48 @@ def worker_device(bundle: Path, batch: int, reps: int) -> dict:
     return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
+class InstantServer:
+    """The server's half of split training, answering at once: only the device's own time is measured."""
+
+    def __init__(self, tail_tokens: int, dim: int, prompts: int) -> None:
+        rng = np.random.default_rng(1)
+        self.features = rng.standard_normal((4096, tail_tokens, dim)).astype(np.float32)
+        self.grad = (1e-3 * rng.standard_normal((prompts, dim))).astype(np.float32)
+
+    def forward(self, tokens: np.ndarray) -> np.ndarray:
+        return self.features[:len(tokens)]
+
+    def backward(self, dfeatures: np.ndarray) -> np.ndarray:
+        return self.grad
+
+
+def worker_round(bundle: Path, samples: int, reps: int) -> dict:
+    """Seconds per device round, embedded tokens cached for the round vs embedded again per batch."""
+    from edge_client.round import run_round
+    from edge_client.runtime import open_runtime
+    from sfp_common.pruning import SampleMemory
+    from sfp_common.recipe import Recipe
+    from wire_protocol.contracts import RoundPlan
+    runtime = open_runtime(bundle, threads=1)
+    m = runtime.manifest
+    x, y, feats, _ = inputs(samples, m.preprocessing.input_size, m.tail_tokens, m.embed_dim, (1,))
+    server = InstantServer(m.tail_tokens, m.embed_dim, m.prompts)
+    start = runtime.trainables()
+    times: dict[str, list[float]] = {"cached": [], "per_batch": []}
+    for rep in range(reps + 1):                   # the first of each is a warm-up
+        for kind, budget in (("cached", None), ("per_batch", 0)):
+            memory = SampleMemory.empty(samples)  # a round after the first: every sample scored and cached
+            memory.record(np.arange(samples), np.random.default_rng(rep).standard_normal((samples, CLASSES)), y,
+                          feats, "fp16")
+            runtime.load_trainables(start)
+            began = time.perf_counter()
+            run_round(runtime, x, y, RoundPlan(Recipe(), rep), server, memory, embed_cache_bytes=budget)
+            if rep:
+                times[kind].append(time.perf_counter() - began)
+    assert "torch" not in sys.modules
+    return {f"{kind}_s": float(np.median(t)) for kind, t in times.items()}
+
+
 def worker_pytorch(model_name: str, batch: int, reps: int) -> dict:
     import torch
     import torch.nn.functional as F
@@ -120,7 +169,10 @@ def run_worker(args: list[str], python: str = sys.executable) -> dict:
 
 def export(model_name: str, backend: str, folder: Path, training_python: str) -> Path:
     bundle = folder / f"bundle-{model_name}-{backend}"
-    if not (bundle / "manifest.json").is_file():
+    manifest = bundle / "manifest.json"
+    if manifest.is_file() and "embed" not in json.loads(manifest.read_text())["graphs"]:
+        shutil.rmtree(bundle)           # exported before bundles had the embed graph
+    if not manifest.is_file():
         print(f"exporting {model_name} ({backend}, checked against PyTorch)...", flush=True)
         subprocess.run([sys.executable, "-m", "export.cli", "bundle", "--model", model_name, "--classes",
                         str(CLASSES), "--prompts", str(PROMPTS), "--random-init", "--backend", backend,
@@ -152,9 +204,11 @@ def machine_facts(script: str, args: list[str], **extra) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="vit_tiny_patch16_224,vit_base_patch16_224")
-    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--batches", default="8,32", help="step batches; none: no step rows")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--backends", default="portable,training")
+    ap.add_argument("--round-samples", type=int, default=256, help="images in the whole-round measurement; 0: none")
+    ap.add_argument("--round-reps", type=int, default=3)
     ap.add_argument("--training-python", default=os.environ.get("SFP_ORT_TRAINING_PYTHON",
                                                                  str(ROOT / ".venv-ort-training/bin/python")))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "device-step")
@@ -162,18 +216,25 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         kind, target, batch, reps = a.worker
-        result = worker_pytorch(target, int(batch), int(reps)) if kind == "pytorch" else \
-            worker_device(Path(target), int(batch), int(reps))
+        workers = {"pytorch": lambda: worker_pytorch(target, int(batch), int(reps)),
+                   "round": lambda: worker_round(Path(target), int(batch), int(reps))}
+        result = workers.get(kind, lambda: worker_device(Path(target), int(batch), int(reps)))()
         print(json.dumps(result))
         return
     a.out.mkdir(parents=True, exist_ok=True)
     backends = a.backends.split(",")
     python = {"portable": sys.executable, "training": a.training_python}
-    rows = []
+    rows, rounds = [], []
     for model_name in a.models.split(","):
         bundles = {b: export(model_name, b, ROOT / "runs" / "device-step-bundles", a.training_python)
                    for b in backends}
-        for batch in map(int, a.batches.split(",")):
+        for backend, bundle in bundles.items() if a.round_samples else ():
+            got = run_worker(["round", str(bundle), str(a.round_samples), str(a.round_reps)], python[backend])
+            rounds.append({"model": model_name, "runner": backend, "samples": a.round_samples, **got,
+                           "speedup": got["per_batch_s"] / got["cached_s"]})
+            print(f"{model_name} {backend} round of {a.round_samples}: {got['per_batch_s']:.2f} s embedding per "
+                  f"batch, {got['cached_s']:.2f} s once per round", flush=True)
+        for batch in [int(b) for b in a.batches.split(",") if b not in ("", "none")]:
             ref = run_worker(["pytorch", model_name, str(batch), str(a.reps)])
             rows.append({"model": model_name, "batch": batch, "runner": "pytorch", **ref})
             for backend, bundle in bundles.items():
@@ -188,13 +249,16 @@ def main() -> None:
                       f"split {ref['split_ms']:.1f} -> {got['split_ms']:.1f} ms, RSS {ref['peak_rss_mb']:.0f} -> "
                       f"{got['peak_rss_mb']:.0f} MB", flush=True)
     machine = machine_facts("bench/device_step.py", sys.argv[1:], threads=1)
-    (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows, "rounds": rounds},
+                                                   indent=2) + "\n")
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, one thread per "
              f"process. Command: `{machine['command']}`. portable = plain onnxruntime; training = "
-             "onnxruntime-training; neither process imports torch. Ratios are to PyTorch in the same run.",
-             "", "| model | batch | runner | local ms | ratio | split ms | ratio | peak RSS MB | ratio | bundle MB |",
-             "|" + "---|" * 10]
-    header = 3
+             "onnxruntime-training; neither process imports torch." + (" Ratios are to PyTorch in the same run."
+                                                                        if rows else "")]
+    if rows:
+        lines += ["", "| model | batch | runner | local ms | ratio | split ms | ratio | peak RSS MB | ratio | bundle MB |",
+                  "|" + "---|" * 10]
+    header = 1
     for r in rows:
         if r["runner"] == "pytorch":
             lines.append(f"| {r['model']} | {r['batch']} | PyTorch | {r['local_ms']:.1f} | 1 | {r['split_ms']:.1f} "
@@ -203,6 +267,13 @@ def main() -> None:
             lines.append(f"| {r['model']} | {r['batch']} | {r['runner']} | {r['local_ms']:.1f} | "
                          f"{r['local_time_ratio']:.2f} | {r['split_ms']:.1f} | {r['split_time_ratio']:.2f} | "
                          f"{r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} | {r['bundle_mb']} |")
+    if rounds:
+        lines += ["", f"A whole device round (default recipe, a round after the first, {a.round_samples} images, the "
+                  "server answering at once), seconds, median of the repetitions:", "",
+                  "| model | runner | patch tokens embedded per split batch | once per round | speed-up |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['runner']} | {r['per_batch_s']:.2f} | {r['cached_s']:.2f} | "
+                  f"{r['speedup']:.2f}x |" for r in rounds]
     (a.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[header:]))
 
