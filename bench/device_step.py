@@ -256,8 +256,8 @@ def main() -> None:
              "onnxruntime-training; neither process imports torch." + (" Ratios are to PyTorch in the same run."
                                                                         if rows else "")]
     if rows:
-        lines += ["", "| model | batch | runner | local ms | ratio | split ms | ratio | peak RSS MB | ratio | bundle MB |",
-                  "|" + "---|" * 10]
+        lines += ["", "| model | batch | runner | local ms | ratio | split ms | ratio | peak RSS MB | ratio "
+                  "| bundle MB |", "|" + "---|" * 10]
     header = 1
     for r in rows:
         if r["runner"] == "pytorch":

@@ -86,6 +86,7 @@ def embed_once(runtime: ClientRuntime, images: np.ndarray, kept: np.ndarray, bat
     embedding is frozen and, with no head blocks, prompt-free); None when the bundle has no embed graph or they
     would take more than `budget` bytes."""
     m = runtime.manifest
-    if not m.embeds or not len(kept) or (budget is not None and len(kept) * (m.num_tokens - m.prompts) * m.embed_dim * 4 > budget):
+    size = len(kept) * (m.num_tokens - m.prompts) * m.embed_dim * 4
+    if not m.embeds or not len(kept) or (budget is not None and size > budget):
         return None
     return np.concatenate([runtime.embed(images[kept[i:i + batch_size]]) for i in range(0, len(kept), batch_size)])

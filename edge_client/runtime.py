@@ -1,9 +1,9 @@
 """What a device can do with its bundle, whichever backend trains it: one interface, two implementations.
 
 A split batch is three calls: `smash` (images -> tokens for the server; with no head blocks, `embed` once per
-sample per round and `attach_prompts` per batch, as `edge_client/round.py` does), `tail_step` (the server's features ->
-loss, logits, the gradient the server needs, and the tail updated), `prompt_step` (the server's gradient -> the
-prompts updated). `tail_only_step` trains the tail on features kept from earlier rounds (the default local-loss
+sample per round and `attach_prompts` per batch, as `edge_client/round.py` does), `tail_step` (the server's
+features -> loss, logits, the gradient the server needs, and the tail updated), `prompt_step` (the server's
+gradient -> the prompts updated). `tail_only_step` trains the tail on features kept from earlier rounds (the default local-loss
 update); `local_step` and `local_logits` are the paper's body-skipped local path (its local update and EL2N);
 `tail_logits` evaluates. Trainables and optimizer state go in and out as named numpy arrays, keyed as the
 bundle names them, so FedAvg, checkpoints and the exporter's check all see the same tensors.
@@ -49,7 +49,7 @@ class ClientRuntime(ABC):
 
     @abstractmethod
     def prompts(self) -> np.ndarray:
-        """The current prompts [P, D] (a view: do not change it)."""
+        """The current prompts [P, D] (possibly the runtime's own array: read it, do not change it)."""
 
     @abstractmethod
     def tail_step(self, features: np.ndarray, labels: np.ndarray, lr: float) -> TailStep: ...

@@ -136,7 +136,8 @@ class Run:
             assert token.returncode == 0, token.stderr
             enrolled = subprocess.run(
                 [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, *ca,
-                 "--token", token.stdout.strip(), "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire)),
+                 "--token", token.stdout.strip(),
+                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire)),
                  "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
                  "--state", str(device_state), "--timeout", "120"],
                 env=ENV, capture_output=True, text=True, timeout=180)

@@ -31,7 +31,7 @@ VERSION = 1
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER = 1 << 20            # 1 MiB of JSON is far more than any header needs
 MAX_ELEMENTS = 1 << 31          # per tensor
-_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)    # built once: json.dumps(**options) builds one a call
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)   # json.dumps(**options) builds one per call
 TYPES = (
     "enroll", "enrolled", "refused",           # device <-> server: registration and its bundle
     "round", "update", "report",               # a round's plan and global state; the trained tensors; evaluation
