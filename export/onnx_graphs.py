@@ -27,7 +27,7 @@ from torch.export.experimental import _export_forward_backward
 from torch.export.graph_signature import InputKind, OutputKind
 
 from export.split import SplitViT
-from sfp_common.bundle import NEW, OptimizerSpec, param_key, state_key
+from sfp_common.bundle import EMBED, NEW, OptimizerSpec, param_key, state_key
 
 OPSET = 18
 EXPORT_BATCH = 4     # the example batch; graphs take any batch, and are verified at others
@@ -338,9 +338,9 @@ def build_embed_graph(model: SplitViT, out_dir: str | Path, progress=lambda mess
     model = prepare_for_export(model)
     channels, height, width = image_shape(model)
     progress("exporting the embed graph")
-    _export(Embed(model), [torch.randn(EXPORT_BATCH, channels, height, width)], [True], Path(out_dir) / "embed.onnx",
-            ["images"], ["embedded"], varargs=False)
-    return {"embed": "embed.onnx"}
+    _export(Embed(model), [torch.randn(EXPORT_BATCH, channels, height, width)], [True],
+            Path(out_dir) / f"{EMBED}.onnx", ["images"], ["embedded"], varargs=False)
+    return {EMBED: f"{EMBED}.onnx"}
 
 
 def build_forward_graphs(model: SplitViT, out_dir: str | Path, progress=lambda message: None) -> dict[str, str]:
