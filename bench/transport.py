@@ -9,8 +9,8 @@ Goodput = tensor bytes delivered / time from the first publish until the receive
 small MQTT message back); median of `--trials`, the two kinds interleaved. Beside it, the CPU time each process
 (sender, broker, receiver; all their threads, from /proc) spent per message: on a machine with fewer cores than
 busy processes, goodput is what the three together can afford, so the CPU columns say where the time goes.
-`--profile` runs the protocol side alone under cProfile in the sender and the receiver and writes the functions
-that cost most, per message size, to <out>/profile-<bytes>.txt.
+`--profile` runs the protocol side alone, samples the sender and the receiver with py-spy (`pip install py-spy`,
+the `dev` extra) and writes the Python lines that cost most, per message size, to <out>/profile-<bytes>.md.
 
     python bench/transport.py [--sizes 16384,65536,262144,1048576,4194304,20971520] [--trials 5]
                               [--out bench/results/transport] [--profile]
@@ -119,6 +119,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+IDLE = {"select", "poll", "epoll_wait", "clock_nanosleep", "pthread_cond_wait", "pthread_cond_timedwait",
+        "__futex_abstimed_wait_common", "futex_wait", "sem_wait", "sem_timedwait", "do_futex_wait"}
+
+
 class Sampler:
     """py-spy sampling one process (all threads, native frames too) while the protocol side runs."""
 
@@ -145,7 +149,7 @@ class Sampler:
 
 
 def profile(driver: Driver, size: int, count: int, send, timeout: float, out: Path) -> None:
-    """Where the protocol's CPU goes at one size: each process's own-time functions, top 25."""
+    """Where the protocol's CPU goes at one size: each process's costliest Python lines, top 25."""
     samplers = {name: Sampler(driver.pids[name], out / f"profile-{size}-{name}.raw")
                 for name in ("sender", "receiver")}
     time.sleep(1.0)                   # py-spy attaches
@@ -154,18 +158,13 @@ def profile(driver: Driver, size: int, count: int, send, timeout: float, out: Pa
              + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())]
     for name, sampler in samplers.items():
         own = sampler.stop()
-        busy = dict(own)
-        total = sum(busy.values()) or 1
+        total = sum(own.values()) or 1
         lines += ["", f"## {name}: {total} busy samples, by the innermost Python line (waits left out)", "",
                   "| own % | Python frame |", "|---|---|"]
-        lines += [f"| {100 * c / total:.1f} | {f} |" for f, c in sorted(busy.items(), key=lambda x: -x[1])[:25]]
+        lines += [f"| {100 * c / total:.1f} | {f} |" for f, c in own.most_common(25)]
         sampler.path.unlink()
     (out / f"profile-{size}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-
-
-IDLE = {"select", "poll", "epoll_wait", "clock_nanosleep", "pthread_cond_wait", "pthread_cond_timedwait",
-        "__futex_abstimed_wait_common", "futex_wait", "sem_wait", "sem_timedwait", "do_futex_wait"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
