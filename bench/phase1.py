@@ -21,7 +21,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare import parse_partition, parse_seeds, partition_title, spread  # noqa: E402
+from bench.compare import parse_partition, parse_seeds, partition_title  # noqa: E402
+from bench.comparison_report import spread  # noqa: E402
 from sfp_common.cli import run_cli  # noqa: E402
 from sfp_common.errors import ConfigError  # noqa: E402
 from sfp_common.recipe import Recipe  # noqa: E402

@@ -25,7 +25,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare import Run, load_results, run_one, run_path, summary_rows  # noqa: E402
+from bench.compare import Run, run_one, run_path  # noqa: E402
+from bench.comparison_report import load_results, summary_rows  # noqa: E402
 from bench.device_step import machine_facts  # noqa: E402
 from export.backbone import resolve_model  # noqa: E402
 from sfp_common.split_spec import SplitSpec  # noqa: E402

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.compare import parse_partition, parse_run, plan_runs, to_target
+from bench.compare import parse_partition, parse_run, plan_runs
+from bench.comparison_report import to_target
 from sfp_common.split_spec import SplitSpec
 from sfp_common.errors import ConfigError
 from simulation.central import adaptation_of, train_central
