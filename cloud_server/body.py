@@ -31,6 +31,7 @@ from cloud_server.metrics import Metrics
 from export.split import SplitViT
 from wire_protocol.envelope import Message
 from wire_protocol.link import BrokerAccess, Link
+from wire_protocol.receipts import receipt_key, sign
 from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ class BodyWorker:
 
     def __init__(self, link: Link, topics: Topics, compute: BodyCompute, worker_id: str, num_tokens: int,
                  embed_dim: int, max_batch_requests: int = 64, window_s: float = 0.002,
-                 max_kept: int = 4096, on_samples: Callable[[int], None] | None = None) -> None:
+                 max_kept: int = 4096, on_samples: Callable[[int], None] | None = None,
+                 receipts: bytes | None = None) -> None:
+        """`receipts`: the key each backward's receipt is signed with (wire_protocol/receipts.py)."""
         self.link, self.topics, self.compute, self.worker_id = link, topics, compute, worker_id
+        self.receipts = receipts if receipts is not None else receipt_key(topics.federation, None)
         self.on_samples = on_samples          # samples through each forward batch (the server's metrics)
         self.num_tokens, self.embed_dim = num_tokens, embed_dim
         self.max_batch_requests, self.window_s, self.max_kept = max_batch_requests, window_s, max_kept
@@ -218,11 +222,12 @@ class BodyWorker:
         if not ready:
             return
         grads = self.compute.backward(tokens, [r.message.tensors["dfeatures"] for r in ready])
-        for r, g in zip(ready, grads):
+        for r, g, t in zip(ready, grads, tokens):
             m = r.message
+            receipt = sign(self.receipts, m.device, m.round, m.seq, len(t))
             self.link.send(self.topics.down(m.device, "gradient"),
-                           Message("gradient", m.device, m.round, m.seq, {"worker": self.worker_id},
-                                   {"gradient": g}))
+                           Message("gradient", m.device, m.round, m.seq, {"worker": self.worker_id,
+                                                                          "receipt": receipt}, {"gradient": g}))
         self._count("backward", ready)
 
     def _feature_shape(self) -> tuple[int, int]:
@@ -262,6 +267,7 @@ def start_worker(broker: str, federation: str, model: SplitViT, worker_id: str, 
                 on_refused=None if metrics is None else lambda kind, reason: metrics.refused.labels(kind).inc()
                 ).connect()
     worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim,
-                        on_samples=None if metrics is None else metrics.body_samples.inc).start()
+                        on_samples=None if metrics is None else metrics.body_samples.inc,
+                        receipts=receipt_key(federation, access.password if access else None)).start()
     log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
     return worker

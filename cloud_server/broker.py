@@ -38,15 +38,16 @@ class LocalBroker:
     """`with LocalBroker() as url:` a running Mosquitto at mqtt://127.0.0.1:<port>; stopped on exit.
 
     With `security` (a folder made by `cloud_server.security.secure`): TLS with its certificates, no anonymous
-    clients, its accounts and ACLs (re-read on `reload()`), at mqtts://127.0.0.1:<port>.
+    clients, its accounts and ACLs (re-read on `reload()`), at mqtts://127.0.0.1:<port>; with `plugin` too (a
+    file `mosquitto_ctrl dynsec init` made), the accounts are the dynamic-security plugin's.
     """
 
     def __init__(self, port: int | None = None, max_packet: int = 64 << 20, log: Path | None = None,
-                 security: Path | None = None) -> None:
+                 security: Path | None = None, plugin: Path | None = None) -> None:
         self.port = port or free_port()
         self.max_packet = max_packet
         self.log = log
-        self.security = security
+        self.security, self.plugin = security, plugin
         self.process: subprocess.Popen | None = None
         self.folder: Path | None = None
 
@@ -65,7 +66,7 @@ class LocalBroker:
             raise ConfigError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
         self.folder = Path(tempfile.mkdtemp(prefix="sfp-broker-"))
         config = self.folder / "mosquitto.conf"
-        listener = (listener_config(self.security, self.port, "127.0.0.1") if self.security
+        listener = (listener_config(self.security, self.port, "127.0.0.1", self.plugin) if self.security
                     else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
         config.write_text("\n".join([
             # as root, Mosquitto would switch to user 'mosquitto', who cannot read a test's or demo's files

@@ -6,9 +6,12 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from export.bundle import export_bundle
+from cloud_server.config import FederationConfig
+from export.backbone import resolve_model
+from export.bundle import client_model, export_bundle
+from export.split import SplitViT
 from sfp_common.split_spec import SplitSpec
 from sfp_common.bundle import BundleError, Manifest, OptimizerSpec, pack_bundle, read_bundle
 from sfp_common.preprocess import Preprocessing
@@ -17,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class BundleService:
-    def __init__(self, folder: Path, model: torch.nn.Module, preprocessing: Preprocessing, model_id: str,
+    def __init__(self, folder: Path, model: SplitViT, preprocessing: Preprocessing, model_id: str,
                  split: SplitSpec, optimizer: OptimizerSpec, training_python: str | None = None) -> None:
         self.folder, self.model, self.preprocessing, self.model_id = Path(folder), model, preprocessing, model_id
         self.split, self.optimizer, self.training_python = split, optimizer, training_python
@@ -53,3 +56,20 @@ class BundleService:
     def manifest(self) -> Manifest:
         """The federation's trainables and shapes (the same in every backend's bundle)."""
         return next(iter(self._bundles.values()))[0] if self._bundles else self.get("portable")[0]
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """The trainables as the cut model holds them: the global state before round 1."""
+        names = set(self.manifest().trainable_names())
+        return {n: p.detach().numpy().copy() for n, p in self.model.named_parameters() if n in names}
+
+
+def federation_bundles(cfg: FederationConfig) -> BundleService:
+    """The federation's model, cut as configured, and its bundles for every configured backend, exported (or
+    found kept) now, so that enrollments do not wait on an export."""
+    source = resolve_model(cfg.model)
+    model, preprocessing = client_model(source, len(cfg.classes), cfg.split, cfg.img_size, cfg.pretrained, cfg.seed)
+    bundles = BundleService(cfg.state_dir / "bundles", model, preprocessing, source.label, cfg.split,
+                            cfg.recipe.optimizer, cfg.training_python)
+    for backend in cfg.backends:
+        bundles.get(backend)
+    return bundles

@@ -16,14 +16,14 @@ import click
 
 from cloud_server.config import FederationConfig
 from export.cli import split_options
-from sfp_common.cli import configure_logging, recipe_from_options, recipe_options, run_cli
+from sfp_common.cli import configure_logging, default_of, recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
 
 log = logging.getLogger("sfp-cloud")
 
 
 def model_options(f):
-    f = click.option("--seed", default=FederationConfig.default("seed"),
+    f = click.option("--seed", default=default_of(FederationConfig, "seed"),
                      help="Seeds the prompts and classifier, and the rounds' batch orders.")(f)
     f = click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")(f)
     f = click.option("--img-size", type=int, default=None, help="Input size, if not the model's own.")(f)
@@ -52,8 +52,10 @@ def broker_access(broker: str, ca: str | None, username: str, password_file: Pat
                   state_dir: Path | None = None):
     from wire_protocol.link import BrokerAccess, parse_broker
     security = state_dir / "security" if state_dir else None
-    if ca is None and security and (security / "ca.crt").exists() and parse_broker(broker)[2]:
-        ca = str(security / "ca.crt")
+    if ca is None and security and parse_broker(broker)[2]:
+        from cloud_server.dynsec import SETTINGS
+        plugin = json.loads((security / SETTINGS).read_text()) if (security / SETTINGS).exists() else {}
+        ca = plugin.get("ca") or (str(security / "ca.crt") if (security / "ca.crt").exists() else None)
     if password_file is None and security and (security / "server.password").exists():
         password_file = security / "server.password"
     password = os.environ.get("SFP_BROKER_PASSWORD")
@@ -152,16 +154,16 @@ def main() -> None:
               help="A command that makes the broker re-read its accounts (run after each enrollment).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Registry, bundles, checkpoints and round summaries (resumed from on restart).")
-@click.option("--rounds", default=FederationConfig.default("rounds"))
+@click.option("--rounds", default=default_of(FederationConfig, "rounds"))
 @recipe_options
-@click.option("--fraction", type=float, default=FederationConfig.default("fraction"),
+@click.option("--fraction", type=float, default=default_of(FederationConfig, "fraction"),
               help="Share of the online devices selected per round.")
-@click.option("--min-devices", default=FederationConfig.default("min_devices"),
+@click.option("--min-devices", default=default_of(FederationConfig, "min_devices"),
               help="Devices online before a round starts.")
-@click.option("--deadline", type=float, default=FederationConfig.default("round_deadline_s"),
+@click.option("--deadline", type=float, default=default_of(FederationConfig, "round_deadline_s"),
               help="Seconds a round waits for its devices.")
 @click.option("--no-device-eval", is_flag=True, help="Skip the devices' evaluation of each new global model.")
-@click.option("--backends", default=",".join(FederationConfig.default("backends")),
+@click.option("--backends", default=",".join(default_of(FederationConfig, "backends")),
               help="Bundles exported at start (others on first enrollment).")
 @click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
               help="For training-backend bundles: a Python with onnxruntime-training.")
@@ -174,6 +176,7 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body. The recipe options default
     to SFPrompt's recipe (sfp_common/recipe.py), the reference federation's."""
     from cloud_server.body import start_worker
+    from cloud_server.bundles import federation_bundles
     from cloud_server.coordinator import Coordinator
     from cloud_server.metrics import Metrics
 
@@ -183,14 +186,13 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
         if metrics_port:
             metrics.serve(metrics_port)
         access = broker_access(broker, ca, username, password_file, state_dir)
-        coordinator = Coordinator(cfg, broker, metrics, on_round=lambda s: log.info("round %s: %s", s["round"],
-                                                                                     json.dumps(s)),
-                                  max_packet=max_packet, access=access,
-                                  reload_broker=reload_command(broker_reload))
+        coordinator = Coordinator(cfg, broker, federation_bundles(cfg), metrics,
+                                  on_round=lambda s: log.info("round %s: %s", s["round"], json.dumps(s)),
+                                  max_packet=max_packet, access=access, reload_broker=reload_command(broker_reload))
         for sig in (signal.SIGINT, signal.SIGTERM):      # `kill`, `systemctl stop`, Ctrl-C: a clean stop
             signal.signal(sig, lambda *_: coordinator.stop.set())
         coordinator.start()
-        bodies = [start_worker(broker, federation, coordinator.model, f"{federation}-w{i}", torch_device,
+        bodies = [start_worker(broker, federation, coordinator.bundles.model, f"{federation}-w{i}", torch_device,
                                body_dtype, max_packet, access, metrics) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, cfg.rounds, state_dir)
         try:
@@ -295,12 +297,33 @@ def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> N
 @click.option("--broker-group", default=None,
               help="The group the broker runs as, which must read its key, passwd and acl (mode 0640).  [default: "
                    "mosquitto when run as root and that group exists (Mosquitto started as root drops to it)]")
-def secure_command(state_dir, federation, hostnames, port, bind, broker_group) -> None:
-    """TLS certificates, the service account, and the password, ACL and listener files for Mosquitto."""
-    from cloud_server.security import SERVICE, default_broker_group, secure
+@click.option("--dynamic-security", "plugin_broker", default=None, metavar="URL",
+              help="Instead of files: keep the accounts in the dynamic-security plugin of the running broker at URL "
+                   "(reached with --admin-user, --admin-password-file, --ca).")
+@click.option("--admin-user", default="admin", help="The plugin's admin account (mosquitto_ctrl dynsec init).")
+@click.option("--admin-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Its password [default: $SFP_BROKER_PASSWORD].")
+@click.option("--ca", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The CA of the broker's certificate, for an mqtts:// URL [default: the system's].")
+def secure_command(state_dir, federation, hostnames, port, bind, broker_group, plugin_broker, admin_user,
+                   admin_password_file, ca) -> None:
+    """TLS certificates, the service account, and the password, ACL and listener files for Mosquitto; or, with
+    --dynamic-security, the service account in a running broker's dynamic-security plugin."""
+    from cloud_server.security import SERVICE, default_broker_group, secure, secure_with_plugin
 
     def job() -> None:
         folder = state_dir / "security"
+        if plugin_broker:
+            admin = broker_access(plugin_broker, ca, admin_user, admin_password_file)
+            if admin.password is None:
+                raise ConfigError("the plugin's admin password: give --admin-password-file or set "
+                                  "SFP_BROKER_PASSWORD")
+            secure_with_plugin(folder, federation, plugin_broker, admin)
+            click.echo(f"the '{SERVICE}' account now manages federation {federation}'s accounts in the dynamic-"
+                       f"security plugin of {plugin_broker}\n"
+                       f"  {folder}/server.password its password (sfp-cloud serve/worker/fleet read it from here)\n"
+                       f"then issue each device a token: sfp-cloud token --state {state_dir} --device <id>")
+            return
         secure(folder, federation, tuple(hostnames), port, bind, broker_group or default_broker_group())
         click.echo(f"written to {folder}/:\n"
                    f"  mosquitto.conf  a TLS listener on {bind or 'every interface'}:{port} with passwd and acl: "

@@ -2,9 +2,8 @@
 the command line's (cloud_server/cli.py reads them from here) and which a TOML file can set (`serve --config`)."""
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sfp_common.recipe import Recipe
 from sfp_common.split_spec import SplitSpec
@@ -28,10 +27,3 @@ class FederationConfig:
     evaluate_on_devices: bool = True
     backends: tuple[str, ...] = ("portable",)     # exported at start; others on first enrollment
     training_python: str | None = None
-
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """A field's default (for the command line's options)."""
-        value = next(f for f in fields(cls) if f.name == name).default
-        assert value is not MISSING, name
-        return value

@@ -2,12 +2,14 @@
 
 A round: select online enrolled devices; send each the global prompts and tail with its plan (the federation's
 recipe with its profile's batch size and wire precision, and its batch-order seed); wait until every selected device has
-answered, gone offline, or the deadline passed; FedAvg what arrived, weighted by sample counts; checkpoint; then
+answered, gone offline, or the deadline passed; FedAvg what arrived, weighted by sample counts (each bounded by what
+the server knows: `cloud_server/ingress.py`); checkpoint; then
 optionally ask the online devices to evaluate the new global model on their local test data. The round's summary
 is retained in the broker and appended to `rounds.jsonl`.
 
 Enrollment runs on its own thread (exporting a bundle takes seconds), rounds on another; the MQTT thread only
-checks and queues. Any message that fails a check is refused with a reason and counted; none stops the server.
+checks (`Ingress`) and queues. Any message that fails a check is refused with a reason and counted; none stops
+the server.
 """
 from __future__ import annotations
 
@@ -16,34 +18,37 @@ import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from export.bundle import client_model
-from export.backbone import resolve_model
-from sfp_common.bundle import BundleError, check_trainables
+from sfp_common.bundle import check_trainables
 from sfp_common.errors import ConfigError
 from sfp_common.strategy import FedAvgStrategy
-from cloud_server.bundles import BundleService
 from cloud_server.clients import ClientManager
 from cloud_server.config import FederationConfig
+from cloud_server.ingress import Ingress, Refused
 from cloud_server.metrics import Metrics
 from cloud_server.registry import Registry
 from cloud_server.security import Security
 from wire_protocol.contracts import Profile, RoundPlan
 from wire_protocol.envelope import Message
 from wire_protocol.link import BrokerAccess, Link
+from wire_protocol.receipts import receipt_key
 from wire_protocol.topics import Topics
+
+if TYPE_CHECKING:                          # the coordinator itself runs without PyTorch; the bundles' exporter not
+    from cloud_server.bundles import BundleService
 
 log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    def __init__(self, cfg: FederationConfig, broker: str, metrics: Metrics | None = None,
+    def __init__(self, cfg: FederationConfig, broker: str, bundles: BundleService, metrics: Metrics | None = None,
                  on_round: Callable[[dict], None] | None = None, max_packet: int = 1 << 20,
                  access: BrokerAccess | None = None, reload_broker: Callable[[], None] | None = None) -> None:
-        """`access`: the service account and CA for a secured broker; `reload_broker`: makes the broker re-read its
+        """`bundles`: the federation's cut model and device bundles (`cloud_server.bundles.federation_bundles`);
+        `access`: the service account and CA for a secured broker; `reload_broker`: makes the broker re-read its
         accounts after enrollment changed them (without it, a secured broker learns of new devices only when its
         operator reloads it)."""
         self.cfg, self.metrics, self.on_round = cfg, metrics or Metrics(), on_round
@@ -51,24 +56,18 @@ class Coordinator:
         self.security = Security(cfg.state_dir / "security", cfg.federation, reload=reload_broker)
         self.registry = Registry(cfg.state_dir)
         self.strategy = FedAvgStrategy(cfg.recipe, cfg.seed, cfg.fraction)     # the reference federation's, too
-        source = resolve_model(cfg.model)
-        self.model_id = source.label
-        self.model, self.preprocessing = client_model(source, len(cfg.classes), cfg.split, cfg.img_size,
-                                                      cfg.pretrained, cfg.seed)
-        self.bundles = BundleService(cfg.state_dir / "bundles", self.model, self.preprocessing, self.model_id,
-                                     cfg.split, cfg.recipe.optimizer, cfg.training_python)
-        for backend in cfg.backends:
-            self.bundles.get(backend)
+        self.bundles, self.model_id = bundles, bundles.model_id
         resumed = self.registry.load_checkpoint()
         self.next_round = 1
-        self.global_state = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()
-                             if n in self.bundles.manifest().trainable_names()}
+        self.global_state = bundles.initial_state()
         if resumed is not None:
             done, state = resumed
             check_trainables(self.bundles.manifest(), state, "the checkpoint")
             self.next_round, self.global_state = done + 1, state
             log.info("resuming after round %d", done)
         self.clients = ClientManager(self.registry)
+        self.receipts = receipt_key(cfg.federation, access.password if access else None)   # the workers' too
+        self.ingress = Ingress(self.topics, self.registry, self.bundles.manifest, cfg.recipe, self.receipts)
         self.updates: queue.Queue[Message] = queue.Queue()
         self.enrollments: queue.Queue[Message | None] = queue.Queue()
         self.stop = threading.Event()
@@ -98,30 +97,20 @@ class Coordinator:
             self.publish_status(force=True)
 
     def _on_up(self, topic: str, message: Message) -> None:
-        device = self.topics.device_of(topic)
-        if device != message.device:
-            self.link.refuse(topic, f"device id {message.device!r} does not match the topic", "forged")
+        try:
+            self.ingress.admit(topic, message, self.round_in_progress)
+        except Refused as refused:
+            self.link.refuse(topic, refused.reason, refused.kind)
             return
-        if message.type == "enroll":
-            self.enrollments.put(message)
-        elif message.type in ("update", "report"):
-            if self.registry.get(device) is None:
-                self.link.refuse(topic, f"unknown device {device!r}", "unknown device")
-                return
-            if message.round != self.round_in_progress:      # replays and late answers are not even queued
-                self.link.refuse(topic, f"a message for round {message.round}; round in progress: "
-                                 f"{self.round_in_progress}", "stale")
-                return
-            self.updates.put(message)
-        else:
-            self.link.refuse(topic, f"a device does not send {message.type!r} messages", "unexpected type")
+        (self.enrollments if message.type == "enroll" else self.updates).put(message)
 
     def _on_presence(self, topic: str, value: Any) -> None:
-        device = self.topics.device_of(topic)
-        if device is None or not isinstance(value, dict):
-            self.link.refuse(topic, "a device's presence must be a JSON object", "malformed")
+        try:
+            device, online = self.ingress.presence(topic, value)
+        except Refused as refused:
+            self.link.refuse(topic, refused.reason, refused.kind)
             return
-        self.clients.set_presence(device, value.get("state") == "online")
+        self.clients.set_presence(device, online)
         self.metrics.online.set(len(self.clients.online()))
 
     def publish_status(self, force: bool = False, **changes: Any) -> None:
@@ -234,25 +223,12 @@ class Coordinator:
             if message.type != kind:
                 continue
             try:
-                self._check_claims(message)
-            except (BundleError, KeyError, TypeError, ValueError) as err:
-                self.link.refuse(topic, str(err), f"bad {kind}")
+                self.ingress.check_claims(message)
+            except Refused as refused:
+                self.link.refuse(topic, refused.reason, refused.kind)
                 continue
             got[message.device] = message
         return got
-
-    def _check_claims(self, message: Message) -> None:
-        """What a device claims, bounded by what the server knows: an update's FedAvg weight by the sample count it
-        enrolled with (one device must not dominate the average by claiming more), a report's counts by each other."""
-        if message.type == "update":
-            check_trainables(self.bundles.manifest(), message.tensors, f"update from {message.device}")
-            claimed, enrolled = int(message.meta["num_samples"]), self.registry.get(message.device).num_samples
-            if not 1 <= claimed <= enrolled:
-                raise ValueError(f"{message.device} claims {claimed} training samples; it enrolled with {enrolled}")
-        else:
-            correct, samples = int(message.meta["correct"]), int(message.meta["samples"])
-            if not 0 <= correct <= samples:
-                raise ValueError(f"{message.device} reports {correct} correct of {samples} samples")
 
     def run_round(self, round_index: int) -> dict:
         """One attempt at a round. Its messages carry a fresh attempt id (the envelope's seq, echoed by the devices),

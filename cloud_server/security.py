@@ -21,7 +21,9 @@ Accounts and what each may touch (everything under `sfp/<federation>/`):
   can neither act as another nor read another's replies; the broker enforces it, and the server also drops any
   message whose claimed device id is not the one in its topic.
 
-Mosquitto reads `passwd` and `acl` at start and on SIGHUP: whoever runs the broker passes a reload hook.
+Mosquitto reads `passwd` and `acl` at start and on SIGHUP: whoever runs the broker passes a reload hook. Or,
+after `secure_with_plugin`, the broker's dynamic-security plugin holds the accounts (cloud_server/dynsec.py):
+each change is sent to it over MQTT, and no broker file is written.
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cloud_server.dynsec import SETTINGS, DynamicSecurity, plugin_acls
 from sfp_common.errors import ConfigError
 from sfp_common.files import write_atomic
 from wire_protocol.contracts import enroll_account
+from wire_protocol.link import BrokerAccess
 from wire_protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
@@ -69,19 +73,24 @@ def password_matches(password: str, stored: str) -> bool:
     return hmac.compare_digest(expected, stored)
 
 
-def acl_lines(topics: Topics, username: str, account: dict) -> list[str]:
-    """Mosquitto ACL file lines for one account."""
-    base = topics.base
+def account_rules(topics: Topics, account: dict) -> list[tuple[str, str]]:
+    """What one account may touch, as (access, topic filter), access one of read, write, readwrite: the one
+    statement of the rules, which both the ACL file and the dynamic-security plugin are written from."""
     if account["kind"] == "service":
-        return [f"user {username}", f"topic readwrite {base}/#", ""]
+        return [("readwrite", f"{topics.base}/#")]
     device = account["device"]
     if account["kind"] == "enroll":
-        return [f"user {username}", f"topic write {topics.up(device, 'enroll')}",
-                f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
-    return [f"user {username}", f"topic write {topics.up(device, '+')}", f"topic write {topics.device_status(device)}",
-            f"topic write {topics.device_presence(device)}", f"topic write {topics.forward(device)}",
-            f"topic write {topics.backward('+', device)}",
-            f"topic read {topics.device_down(device)}", f"topic read {topics.server_status()}", ""]
+        return [("write", topics.up(device, "enroll")), ("read", topics.device_down(device)),
+                ("read", topics.server_status())]
+    return [("write", topics.up(device, "+")), ("write", topics.device_status(device)),
+            ("write", topics.device_presence(device)), ("write", topics.forward(device)),
+            ("write", topics.backward("+", device)), ("read", topics.device_down(device)),
+            ("read", topics.server_status())]
+
+
+def acl_lines(topics: Topics, username: str, account: dict) -> list[str]:
+    """Mosquitto ACL file lines for one account."""
+    return [f"user {username}", *(f"topic {access} {topic}" for access, topic in account_rules(topics, account)), ""]
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ class Security:
             raise ConfigError(f"{self.folder} holds the accounts of federation {marker.read_text().strip()!r}, "
                               f"not {federation!r}")
         marker.write_text(federation + "\n")
+        self.plugin = DynamicSecurity.from_folder(self.folder)     # None: the broker reads passwd and acl
+        self._passwords: dict[str, str] = {}        # accounts made in the open change, for the plugin
 
     # ------------------------------------------------------------------ accounts
     @contextmanager
@@ -112,17 +123,30 @@ class Security:
             path = self.folder / "accounts.json"
             accounts = json.loads(path.read_text()) if path.exists() else {}
             before = json.dumps(accounts, sort_keys=True)
+            earlier = json.loads(before)
+            self._passwords.clear()
             yield accounts
-            if json.dumps(accounts, sort_keys=True) != before:
+            changed = json.dumps(accounts, sort_keys=True) != before
+            if changed:
                 self._write(accounts)
-                changed = True
-            else:
-                changed = False
-        if changed and self.reload_hook is not None:
+                if self.plugin is not None:
+                    self._tell_plugin(earlier, accounts)
+        if changed and self.plugin is None and self.reload_hook is not None:
             self.reload_hook()
+
+    def _tell_plugin(self, earlier: dict, accounts: dict) -> None:
+        """The broker's plugin told of each account made or removed (an account's other fields are ours only)."""
+        for user in sorted(set(earlier) - set(accounts)):
+            self.plugin.remove_account(user)
+        for user, account in sorted(accounts.items()):
+            if earlier.get(user, {}).get("hash") != account["hash"]:
+                self.plugin.set_account(user, self._passwords.pop(user),
+                                        plugin_acls(account_rules(self.topics, account)))
 
     def _write(self, accounts: dict) -> None:
         write_atomic(self.folder / "accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n", 0o600)
+        if self.plugin is not None:
+            return
         mode, gid = broker_file_access(self.folder)
         write_atomic(self.folder / "passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())),
                      mode, gid)
@@ -144,6 +168,7 @@ class Security:
         password = secrets.token_urlsafe(24)
         with self._accounts() as accounts:
             accounts[username] = {"kind": "service", "hash": password_hash(password)}
+            self._passwords[username] = password
         return password
 
     def issue_token(self, device: str, ttl_s: float) -> str:
@@ -155,6 +180,7 @@ class Security:
         with self._accounts() as accounts:
             accounts[enroll_account(device)] = {"kind": "enroll", "device": device, "hash": password_hash(token),
                                                 "expires": time.time() + ttl_s, "used": None}
+            self._passwords[enroll_account(device)] = token
         return token
 
     def redeem(self, device: str, token: str) -> Redemption:
@@ -176,6 +202,7 @@ class Security:
         password = secrets.token_urlsafe(24)
         with self._accounts() as accounts:
             accounts[device] = {"kind": "device", "device": device, "hash": password_hash(password)}
+            self._passwords[device] = password
         return password
 
     def prune(self, now: float | None = None) -> list[str]:
@@ -286,14 +313,25 @@ def make_certificates(folder: Path, hostnames: tuple[str, ...] = ("localhost", "
     write_atomic(folder / "broker.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def listener_config(folder: Path, port: int = 8883, bind: str = "") -> str:
-    """A Mosquitto listener section: TLS with the broker certificate, accounts from passwd, ACLs from acl; on
-    `bind` (an address) or every interface."""
+def listener_config(folder: Path, port: int = 8883, bind: str = "", plugin: Path | None = None) -> str:
+    """A Mosquitto listener section: TLS with the broker certificate, accounts from passwd, ACLs from acl (or,
+    with `plugin`, from the dynamic-security plugin keeping its state in that file); on `bind` (an address) or
+    every interface."""
     folder = folder.resolve()
+    accounts = ([f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}"] if plugin is None else
+                [f"plugin {plugin_library()}", f"plugin_opt_config_file {Path(plugin).resolve()}"])
     return "\n".join([f"listener {port} {bind}".rstrip(), f"cafile {folder / 'ca.crt'}",
                       f"certfile {folder / 'broker.crt'}", f"keyfile {folder / 'broker.key'}",
-                      "tls_version tlsv1.2", "allow_anonymous false", f"password_file {folder / 'passwd'}",
-                      f"acl_file {folder / 'acl'}", ""])
+                      "tls_version tlsv1.2", "allow_anonymous false", *accounts, ""])
+
+
+def plugin_library() -> Path:
+    """Mosquitto's dynamic-security plugin as the OS package installs it (Debian: in the mosquitto package)."""
+    found = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")) + sorted(
+        Path("/usr/lib").glob("mosquitto_dynamic_security.so"))
+    if not found:
+        raise ConfigError("Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) is not installed")
+    return found[0]
 
 
 def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int = 8883, bind: str = "",
@@ -314,4 +352,26 @@ def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int 
     security.rewrite()                              # passwd and acl in the broker's group, even if unchanged
     write_atomic(folder / "server.password", password + "\n", 0o600)
     (folder / "mosquitto.conf").write_text(listener_config(folder, port, bind))
+    return password
+
+
+def secure_with_plugin(folder: Path, federation: str, broker: str, admin: BrokerAccess) -> str:
+    """A federation's accounts on a running broker's dynamic-security plugin (cloud_server/dynsec.py), reached at
+    `broker` as the plugin's admin (`admin`, with the CA of the broker's certificate): the service account is
+    created there and may manage accounts from then on; returns its password (also kept in server.password).
+    Nothing is written for the broker to read; no certificates are made (the broker has its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / SETTINGS).exists():
+        raise ConfigError(f"{folder} already uses the dynamic-security plugin of "
+                          f"{json.loads((folder / SETTINGS).read_text())['broker']}")
+    security = Security(folder, federation)
+    password = security.add_service()
+    DynamicSecurity(broker, admin).create_service(security.topics, SERVICE, password,
+                                                  account_rules(security.topics, {"kind": "service"}))
+    write_atomic(folder / "server.password", password + "\n", 0o600)
+    settings = {"broker": broker, "username": SERVICE, "ca": str(Path(admin.ca_file).resolve()) if admin.ca_file
+                else None}
+    write_atomic(folder / SETTINGS, json.dumps(settings, indent=1) + "\n", 0o644)
+    for stale in ("passwd", "acl", "mosquitto.conf"):      # the file route's, never read by this broker
+        (folder / stale).unlink(missing_ok=True)
     return password

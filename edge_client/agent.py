@@ -166,7 +166,7 @@ class DeviceAgent:
             "update", self.config.device, index, message.seq,          # seq: the server's attempt id, echoed
             meta={"num_samples": result.num_samples, "kept": result.kept,
                   "loss": result.loss_sum / max(1, result.kept), "payload_up": up, "payload_down": down,
-                  "seconds": round(time.time() - start, 3)},
+                  "seconds": round(time.time() - start, 3), "receipts": self.remote.receipts},
             tensors=result.upload)) + mqtt0
         self.memory.commit(index, memory)
         self.status["last_round"] = {"round": index, "payload_up": up, "payload_down": down,

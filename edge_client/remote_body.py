@@ -4,7 +4,8 @@
 worker may take them, and waits for the features; the reply names the worker, and `backward` sends dL/dfeatures
 to that worker and waits for the gradient. Replies are matched by (round, sequence number); a stale or duplicate
 reply is dropped, an error reply, a timeout or `abort` (the server went offline, the connection was lost) aborts
-the round.
+the round. Each gradient comes with the worker's signed receipt for the batch; the round's receipts go with the
+update (wire_protocol/receipts.py), so the server can check what the device's FedAvg weight claims.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class RemoteBody:
         self.stop = stop or threading.Event()      # set: the device is leaving; the round ends at the next reply
         self.replies: queue.Queue[Message] = queue.Queue()
         self.round, self.seq, self.worker = 0, 0, None
+        self.receipts: list[list] = []             # this round's, from the gradients
         self.aborted: str | None = None            # set by `abort`: the round ends at the next wait
         self._lock = threading.Lock()
 
@@ -39,7 +41,7 @@ class RemoteBody:
 
     def begin(self, round_index: int) -> None:
         with self._lock:
-            self.round, self.aborted = round_index, None
+            self.round, self.aborted, self.receipts = round_index, None, []
         while not self.replies.empty():
             self.replies.get_nowait()
 
@@ -61,7 +63,9 @@ class RemoteBody:
             raise RoundAborted("the features did not say which body worker to send the backward to")
         self.link.send(self.topics.backward(self.worker, self.device),
                        Message("backward", self.device, self.round, self.seq, {}, {"dfeatures": dfeatures}))
-        return self._wait("gradient").tensors["gradient"]
+        reply = self._wait("gradient")
+        self.receipts.append(reply.meta.get("receipt"))
+        return reply.tensors["gradient"]
 
     def _wait(self, kind: str) -> Message:
         deadline = time.monotonic() + self.timeout_s

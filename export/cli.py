@@ -5,18 +5,19 @@ from pathlib import Path
 
 import click
 
-from sfp_common.cli import run_cli
+from sfp_common.bundle import BACKENDS, OPTIMIZERS, OptimizerSpec
+from sfp_common.cli import default_of, run_cli
 from sfp_common.split_spec import SplitSpec
 
 
 def split_options(f):
     """--prompts, --head-blocks, --tail-blocks, defaulting to SplitSpec's."""
-    spec = SplitSpec()
-    f = click.option("--tail-blocks", default=spec.tail_blocks, show_default=True,
+    f = click.option("--tail-blocks", default=default_of(SplitSpec, "tail_blocks"), show_default=True,
                      help="Transformer blocks in the client tail.")(f)
-    f = click.option("--head-blocks", default=spec.head_blocks, show_default=True,
+    f = click.option("--head-blocks", default=default_of(SplitSpec, "head_blocks"), show_default=True,
                      help="Transformer blocks in the client head.")(f)
-    f = click.option("--prompts", default=spec.prompts, show_default=True, help="Learnable prompt tokens P.")(f)
+    f = click.option("--prompts", default=default_of(SplitSpec, "prompts"), show_default=True,
+                     help="Learnable prompt tokens P.")(f)
     return f
 
 
@@ -30,10 +31,10 @@ def main() -> None:
 @click.option("--classes", type=int, required=True, help="Classes of the federated task (a new classifier).")
 @split_options
 @click.option("--img-size", type=int, default=None, help="Input size, if not the model's own.")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
-@click.option("--weight-decay", type=float, default=0.0)
-@click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
-@click.option("--backend", type=click.Choice(["portable", "training"]), default="portable",
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=default_of(OptimizerSpec, "name"))
+@click.option("--weight-decay", type=float, default=default_of(OptimizerSpec, "weight_decay"))
+@click.option("--momentum", type=float, default=default_of(OptimizerSpec, "momentum"), help="SGD momentum.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="portable",
               help="portable: standard-ONNX train steps for plain onnxruntime; training: onnxruntime-training.")
 @click.option("--training-python", envvar="SFP_ORT_TRAINING_PYTHON", default=None,
               help="training backend: a Python with onnxruntime-training-cpu and this package "
@@ -46,7 +47,6 @@ def bundle(model, classes, prompts, head_blocks, tail_blocks, img_size, optimize
     """Write a client bundle, after checking every graph against PyTorch (nothing is written if one disagrees)."""
     from export.backbone import resolve_model
     from export.bundle import client_model, export_bundle
-    from sfp_common.bundle import OptimizerSpec
 
     def job() -> None:
         source = resolve_model(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from typing import Any, Callable, TypeVar
 
 import click
@@ -27,6 +27,14 @@ def run_cli(job: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A dataclass field's default, for a command-line option: each default is written once, in its dataclass."""
+    field_ = next(f for f in fields(cls) if f.name == name)
+    value = field_.default if field_.default is not MISSING else field_.default_factory()
+    assert value is not MISSING, name
+    return value
 
 
 OUR_LOGGERS = ("sfp-cloud", "cloud_server", "edge_client", "wire_protocol", "export")

@@ -37,6 +37,18 @@ def keep_count(num_samples: int, keep: float) -> int:
     return max(1, math.ceil(check_keep_fraction(keep) * num_samples - 1e-9))
 
 
+def samples_supported(recipe: Recipe, trained: int) -> int:
+    """The most local samples a device can hold, given the samples it trained through the body in one round: each
+    of the recipe's split passes trains at least `keep_count(n)` of its n samples (all n without pruning)."""
+    per_pass = trained // recipe.epochs
+    if recipe.prune == "none":
+        return per_pass
+    n = math.floor(per_pass / recipe.keep) + 1
+    while n > 0 and keep_count(n, recipe.keep) > per_pass:
+        n -= 1
+    return n
+
+
 def select_by_score(scores: np.ndarray, keep: float, select: str = "hardest") -> np.ndarray:
     """Indices (sorted) of the `keep` fraction with the highest ("hardest") or lowest ("easiest") scores. A NaN
     score (a sample never scored) always survives, beyond the count if need be; ties go to the lower index, so

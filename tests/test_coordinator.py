@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from cloud_server.config import FederationConfig
+from cloud_server.bundles import federation_bundles
 from cloud_server.coordinator import Coordinator
 from edge_client.profiles import load_profile
 from sfp_common.split_spec import SplitSpec
 from wire_protocol.envelope import Message
 from wire_protocol.contracts import RoundPlan
 from wire_protocol.link import Link, wait_for
+from wire_protocol.receipts import sign
 from wire_protocol.topics import Topics
 
 
@@ -24,7 +26,7 @@ def server(tmp_path_factory, broker):
     cfg = FederationConfig(federation="coord", model="vit_tiny_patch16_224", classes=tuple(str(i) for i in range(10)),
                            state_dir=tmp_path_factory.mktemp("coord") / "state",
                            split=SplitSpec(2, 1, 0), img_size=16, pretrained=False)
-    coordinator = Coordinator(cfg, broker).start()
+    coordinator = Coordinator(cfg, broker, federation_bundles(cfg)).start()
     yield coordinator
     coordinator.close()
 
@@ -117,14 +119,23 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
                                                                        wire=load_profile("x86").wire)
     attempt = plan.seq                      # the devices echo it: answers to other attempts never count
     other = {k: v - 9.0 for k, v in good.items()}
-    link.send(topics.up("dev", "update"), Message("update", "dev", 7, attempt, {"num_samples": 5}, good))  # stale
-    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt + 1, {"num_samples": 5}, other))
-    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, bad))
-    # a lying device: a FedAvg weight far beyond the 10 samples it enrolled with, never counted
-    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 10**6}, other))
+    # What the body workers signed for two split batches of 3 (the default recipe: 2 passes over the kept half):
+    # enough for 5 or 6 samples; a copy of a batch's receipt counts once.
+    receipts = [sign(server.receipts, "dev", 1, 1, 3), sign(server.receipts, "dev", 1, 2, 3)]
+    claim = {"num_samples": 5, "receipts": receipts + receipts[:1]}
+    link.send(topics.up("dev", "update"), Message("update", "dev", 7, attempt, claim, good))  # stale
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt + 1, claim, other))
+    link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, claim, bad))
+    # lying devices, never counted: a FedAvg weight far beyond the 10 samples it enrolled with; its enrolled
+    # count, with receipts for less work than that needs; receipts made up, or signed for another round
+    for lie in ({"num_samples": 10**6, "receipts": receipts}, {"num_samples": 10, "receipts": receipts},
+                {"num_samples": 5, "receipts": [[1, 300, "0" * 32]]},
+                {"num_samples": 5, "receipts": [sign(server.receipts, "dev", 7, 1, 6)]},
+                {"num_samples": 5}):
+        link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, lie, other))
     updates_before = server.metrics.updates._value.get()
     for _ in range(2):                      # delivered twice (QoS 1 may): one update per device is kept
-        link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, {"num_samples": 5}, good))
+        link.send(topics.up("dev", "update"), Message("update", "dev", 1, attempt, claim, good))
     evaluation = rounds.get(timeout=10)
     assert evaluation.meta["train"] is False and evaluation.seq != attempt
     link.send(topics.up("dev", "report"), Message("report", "dev", 1, evaluation.seq,
@@ -140,6 +151,9 @@ def test_an_update_that_does_not_fit_is_refused_and_the_round_goes_on(server, br
     assert "a message for round 7; round in progress: 1" in reasons and "head.prompts is float32[3, 3]" in reasons
     assert f"round 1 (attempt {attempt + 1}) during round 1 (attempt {attempt})" in reasons
     assert "dev claims 1000000 training samples; it enrolled with 10" in reasons
+    assert "dev claims 10 training samples; the body trained 6 for it this round, which supports at most 6" in reasons
+    assert reasons.count("dev's update carries a body receipt no worker signed (batch 1)") == 2
+    assert "dev's update carries no body receipts" in reasons
     assert "dev reports 9 correct of 4 samples" in reasons
     summary = json.loads((server.cfg.state_dir / "rounds.jsonl").read_text().splitlines()[-1])
     assert summary["round"] == 1

@@ -15,6 +15,7 @@ import pytest
 from cloud_server.broker import free_port
 from cloud_server.body import start_worker
 from cloud_server.config import FederationConfig
+from cloud_server.bundles import federation_bundles
 from cloud_server.coordinator import Coordinator
 from edge_client.profiles import load_profile
 from sfp_common.split_spec import SplitSpec
@@ -34,8 +35,8 @@ def server(tmp_path_factory, broker):
     cfg = FederationConfig(federation=FED, model="vit_tiny_patch16_224", classes=tuple(str(i) for i in range(10)),
                            state_dir=tmp_path_factory.mktemp("fuzz") / "state", split=SplitSpec(2, 0, 0),
                            img_size=16, pretrained=False)
-    coordinator = Coordinator(cfg, broker).start()
-    worker = start_worker(broker, FED, coordinator.model, WORKER, "cpu", "fp32", 1 << 20,
+    coordinator = Coordinator(cfg, broker, federation_bundles(cfg)).start()
+    worker = start_worker(broker, FED, coordinator.bundles.model, WORKER, "cpu", "fp32", 1 << 20,
                           metrics=coordinator.metrics)      # as `sfp-cloud serve` starts its workers
     device = Link(broker, "dev").connect()
     assert enroll(coordinator, device, "dev").type == "enrolled"
@@ -233,16 +234,24 @@ def test_prometheus_after_a_real_round_agrees_with_the_round_summaries(server):
     coordinator, worker, device = server
     topics, rng = Topics(FED), np.random.default_rng(1)
     before = scrape(coordinator)
-    features, rounds = queue.Queue(), queue.Queue()
-    device.subscribe(topics.down("dev", "features"), lambda t, m: features.put(m))
+    replies, rounds = queue.Queue(), queue.Queue()
+    for kind in ("features", "gradient"):
+        device.subscribe(topics.down("dev", kind), lambda t, m: replies.put(m))
     device.subscribe(topics.down("dev", "round"), lambda t, m: rounds.put(m))
-    tokens = rng.standard_normal((3, worker.num_tokens, worker.embed_dim)).astype(np.float32)
-    device.send(topics.forward("dev"), Message("forward", "dev", 1, 500, {}, {"tokens": tokens}))
-    assert features.get(timeout=30).seq == 500
     index, done = coordinator.next_round, {}
     threading.Thread(target=lambda: done.update(coordinator.run_round(index)), daemon=True).start()
     plan = rounds.get(timeout=30)
-    update = Message("update", "dev", index, plan.seq, {"num_samples": 5},
+    # one split batch of 3 through the worker, as a device trains: its receipt supports a FedAvg weight of 2 (the
+    # default recipe's two passes over the kept half)
+    tokens = rng.standard_normal((3, worker.num_tokens, worker.embed_dim)).astype(np.float32)
+    device.send(topics.forward("dev"), Message("forward", "dev", index, 500, {}, {"tokens": tokens}))
+    features = replies.get(timeout=30)
+    assert (features.type, features.seq) == ("features", 500)
+    device.send(topics.backward(WORKER, "dev"), Message("backward", "dev", index, 500, {},
+                                                        {"dfeatures": np.ones_like(features.tensors["features"])}))
+    gradient = replies.get(timeout=30)
+    assert gradient.type == "gradient" and gradient.meta["receipt"][:2] == [500, 3]
+    update = Message("update", "dev", index, plan.seq, {"num_samples": 2, "receipts": [gradient.meta["receipt"]]},
                      {k: v + 0.1 for k, v in coordinator.global_state.items()})
     sent = device.send(topics.up("dev", "update"), update)
     evaluation = rounds.get(timeout=30)

@@ -6,7 +6,7 @@ import pytest
 
 from sfp_common.errors import ConfigError
 from sfp_common.pruning import (SampleMemory, choose_samples, el2n_scores, keep_count, select_by_score,
-                                select_hardest, select_random)
+                                samples_supported, select_hardest, select_random)
 from sfp_common.recipe import Recipe
 
 
@@ -81,3 +81,18 @@ def test_memory_records_the_el2n_of_the_logits_and_the_features_in_wire_precisio
     np.testing.assert_array_equal(restored.features, memory.features)
     np.testing.assert_array_equal(restored.scores, memory.scores)
     assert SampleMemory.from_arrays(memory.arrays("m/"), 6, "m/") is None        # other data: not used
+
+
+@pytest.mark.parametrize("prune,keep", [("split-el2n", 0.5), ("split-el2n", 0.3), ("random", 0.85), ("none", 0.5)])
+def test_the_samples_a_round_trained_bound_the_fedavg_weight_honestly_and_tightly(prune, keep):
+    """An honest device (the kept samples of choose_samples, every split pass) is never bounded below its count;
+    one batch less than its kept samples need, and its count is out of reach."""
+    recipe, rng = Recipe(prune=prune, keep=keep, epochs=2), np.random.default_rng(0)
+    for n in range(1, 300):
+        memory = SampleMemory.empty(n)
+        scored = rng.random(n) < 0.8                                 # some samples scored, some never
+        memory.scores[scored] = rng.random(scored.sum())
+        trained = recipe.epochs * len(choose_samples(recipe, memory, rng, lambda: None))
+        assert samples_supported(recipe, trained) >= n
+        least = n if prune == "none" else keep_count(n, keep)
+        assert samples_supported(recipe, recipe.epochs * least - 1) < n

@@ -11,7 +11,11 @@ import pytest
 
 from cryptography.hazmat.primitives import serialization
 
+from click.testing import CliRunner
+
 from cloud_server.broker import LocalBroker, free_port, listening
+from cloud_server.cli import main as cloud_main
+from cloud_server.dynsec import DynamicSecurity, role_name
 from cloud_server.security import SERVICE, Security, make_certificates, password_matches, secure
 from wire_protocol.contracts import enroll_account
 from wire_protocol.envelope import Message
@@ -21,18 +25,42 @@ from wire_protocol.topics import Topics
 FED = "sec"
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    """A TLS broker with accounts: the service, device 'dev-a' and 'dev-b', and an unused token for 'dev-c'."""
+@pytest.fixture(scope="module", params=["files", "plugin"])
+def secured(request, tmp_path_factory):
+    """A TLS broker with accounts: the service, device 'dev-a' and 'dev-b', and an unused token for 'dev-c'. Each
+    test runs twice: accounts in Mosquitto's password and ACL files (re-read on reload), and in its
+    dynamic-security plugin (told over MQTT, `sfp-cloud secure --dynamic-security`)."""
     folder = tmp_path_factory.mktemp("security")
-    broker = LocalBroker(security=folder)
-    service = secure(folder, FED, ("localhost", "127.0.0.1"), broker.port)
-    security = Security(folder, FED, reload=broker.reload)
-    passwords = {d: security.add_device(d) for d in ("dev-a", "dev-b")}
-    token = security.issue_token("dev-c", ttl_s=600)
+    if request.param == "files":
+        broker = LocalBroker(security=folder)
+        service = secure(folder, FED, ("localhost", "127.0.0.1"), broker.port)
+        security = Security(folder, FED, reload=broker.reload)
+        passwords = {d: security.add_device(d) for d in ("dev-a", "dev-b")}
+        token = security.issue_token("dev-c", ttl_s=600)
+        with broker as url:
+            yield {"url": url, "folder": folder, "security": security, "service": service, "passwords": passwords,
+                   "token": token, "broker": broker, "route": "files"}
+        return
+    folder = tmp_path_factory.mktemp("state") / "security"
+    make_certificates(folder)                              # the broker's own TLS, its accounts the plugin's
+    plugin = tmp_path_factory.mktemp("plugin") / "dynamic-security.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(plugin), "admin", "admin-password"], check=True,
+                   stdout=subprocess.DEVNULL)
+    broker = LocalBroker(security=folder, plugin=plugin)
     with broker as url:
+        admin = tmp_path_factory.mktemp("admin") / "password"
+        admin.write_text("admin-password\n")
+        result = CliRunner().invoke(cloud_main, ["secure", "--state", str(folder.parent),
+                                                 "--federation", FED, "--dynamic-security", url,
+                                                 "--admin-password-file", str(admin), "--ca",
+                                                 str(folder / "ca.crt")])
+        assert result.exit_code == 0, result.output
+        service = (folder / "server.password").read_text().strip()
+        security = Security(folder, FED)                   # no reload hook: the plugin needs none
+        passwords = {d: security.add_device(d) for d in ("dev-a", "dev-b")}
+        token = security.issue_token("dev-c", ttl_s=600)
         yield {"url": url, "folder": folder, "security": security, "service": service, "passwords": passwords,
-               "token": token, "broker": broker}
+               "token": token, "broker": broker, "route": "plugin"}
 
 
 def access(secured, user, password) -> BrokerAccess:
@@ -172,10 +200,78 @@ def test_tokens_are_single_use_bound_to_a_device_and_expire(secured):
 
 def test_accounts_file_is_the_truth_and_secrets_are_not_in_it(secured):
     folder = secured["folder"]
-    text = (folder / "accounts.json").read_text() + (folder / "passwd").read_text()
+    text = "".join((folder / f).read_text() for f in ("accounts.json", "passwd", "dynsec.json")
+                   if (folder / f).exists())
     assert secured["service"] not in text and all(p not in text for p in secured["passwords"].values())
     assert oct((folder / "accounts.json").stat().st_mode)[-3:] == "600"
     assert oct((folder / "server.password").stat().st_mode)[-3:] == "600"
     assert (folder / "server.password").read_text().strip() == secured["service"]
+    if secured["route"] == "plugin":      # nothing the broker would read is written; the plugin holds the rules
+        assert not {"passwd", "acl", "mosquitto.conf"} & {p.name for p in folder.iterdir()}
+        role = DynamicSecurity.from_folder(folder).run([{"command": "getRole", "rolename": role_name("dev-a")}])
+        acls = {(a["acltype"], a["topic"]) for a in role[0]["data"]["role"]["acls"]}
+        assert ("publishClientSend", f"sfp/{FED}/devices/dev-a/up/+") in acls
+        assert ("subscribePattern", Topics(FED).device_down("dev-a")) in acls
+        return
     acl = (folder / "acl").read_text()
     assert f"user dev-a\ntopic write sfp/{FED}/devices/dev-a/up/+" in acl
+
+
+def test_a_federation_on_the_plugin_route_enrolls_and_trains_with_nothing_written_for_the_broker(tmp_path):
+    """The by-hand steps with the plugin, each command in its own process: `sfp-cloud secure --dynamic-security`,
+    `sfp-cloud token`, `serve`, `sfp-edge enroll` and `run`; the device's account is made over MQTT at enrollment
+    (no file, no reload) and the round completes."""
+    import json
+    import sys
+
+    from PIL import Image
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SFP_LOG": "WARNING"}
+
+    def cli(module, *args, **kwargs):
+        return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                              timeout=120, **kwargs)
+    for label in ("0", "1"):
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        Image.new("L", (16, 16), 60 * int(label)).save(tmp_path / "data" / "train" / label / "a.png")
+    state, security = tmp_path / "server", tmp_path / "server" / "security"
+    make_certificates(security)
+    plugin = tmp_path / "dynamic-security.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(plugin), "admin", "admin-password"], check=True,
+                   stdout=subprocess.DEVNULL)
+    (tmp_path / "admin.password").write_text("admin-password\n")
+    with LocalBroker(security=security, plugin=plugin) as url:
+        ca = str(security / "ca.crt")
+        done = cli("cloud_server.cli", "secure", "--state", str(state), "--federation", "plug", "--dynamic-security",
+                   url, "--admin-password-file", str(tmp_path / "admin.password"), "--ca", ca)
+        assert done.returncode == 0, done.stderr
+        token = cli("cloud_server.cli", "token", "--state", str(state), "--federation", "plug", "--device", "dev-p")
+        assert token.returncode == 0, token.stderr
+        server = subprocess.Popen([sys.executable, "-m", "cloud_server.cli", "serve", "--broker", url, "--state",
+                                   str(state), "--federation", "plug", "--model", "vit_tiny_patch16_224",
+                                   "--random-init", "--img-size", "16", "--classes", "2", "--prompts", "2",
+                                   "--rounds", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        device = None
+        try:
+            enrolled = cli("edge_client.cli", "enroll", "--broker", url, "--ca", ca, "--data", str(tmp_path / "data"),
+                           "--device-id", "dev-p", "--federation", "plug", "--profile", "x86", "--state",
+                           str(tmp_path / "device"), "--token", token.stdout.strip(), "--timeout", "120")
+            assert enrolled.returncode == 0, enrolled.stderr
+            device = subprocess.Popen([sys.executable, "-m", "edge_client.cli", "run", "--state",
+                                       str(tmp_path / "device")], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            watcher, status = Link(url, "watch", access=BrokerAccess(
+                SERVICE, (security / "server.password").read_text().strip(), ca)).connect(), {}
+            watcher.subscribe_json(Topics("plug").server_status(), lambda topic, value: status.update(value))
+            assert wait_for(lambda: status.get("state") == "finished" or server.poll() is not None, 120), status
+            watcher.close()
+        finally:
+            for process in (device, server):
+                if process is not None:
+                    process.terminate()
+                    process.wait(30)
+        summary = json.loads((state / "rounds.jsonl").read_text().splitlines()[-1])
+        assert summary["round"] == 1 and summary["participants"] == ["dev-p"], summary
+        assert not {"passwd", "acl"} & {p.name for p in security.iterdir()}
+        clients = DynamicSecurity.from_folder(security).run([{"command": "listClients"}])[0]["data"]["clients"]
+        assert {SERVICE, "dev-p"} <= set(clients)

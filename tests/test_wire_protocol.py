@@ -197,3 +197,19 @@ def test_topics_confine_ids_and_find_the_device():
     for bad in ["", "a/b", "+", "#", "x" * 65, "dev 1"]:
         with pytest.raises(ValueError):
             check_name("device", bad)
+
+
+def test_body_receipts_count_each_signed_batch_once_and_refuse_anything_else():
+    from wire_protocol.receipts import receipt_key, served_samples, sign
+    key = receipt_key("fed", "service-password")
+    batches = [sign(key, "dev", 3, seq, 16) for seq in (1, 2, 3)]
+    assert served_samples(key, "dev", 3, batches + batches[:2]) == 48           # a copy counts once
+    assert served_samples(key, "dev", 3, []) == 0
+    other_key = receipt_key("fed", "another-password")
+    for receipts, why in [(None, "no body receipts"), ([[1, 16]], "malformed"), ([[1, -1, "x"]], "malformed"),
+                          ([[1, 17, batches[0][2]]], "no worker signed"),              # the count raised
+                          ([sign(key, "dev", 2, 1, 16)], "no worker signed"),           # another round's
+                          ([sign(key, "dev-2", 3, 1, 16)], "no worker signed"),         # another device's
+                          ([sign(other_key, "dev", 3, 1, 16)], "no worker signed")]:    # another key's
+        with pytest.raises(ValueError, match=why):
+            served_samples(key, "dev", 3, receipts)
