@@ -72,6 +72,10 @@ ITEMS = (
     Item("device-round", "A whole device round: patch tokens embedded once per round against once per batch",
          "bench/device_step.py", (("--batches", "none", "--round-samples", "256", "--round-reps", "3"),),
          (("--models", "vit_tiny_patch16_224", "--batches", "none", "--round-samples", "32", "--round-reps", "1"),)),
+    Item("audit", "7. What the server can see: inversion of the smashed tokens", "bench/audit.py",
+         ((), ("--wires", "fp16", "--noise", "0.25,1,4")),
+         (("--head-blocks", "0,1", "--wires", "fp16", "--images", "4", "--public-images", "500", "--steps", "30",
+           "--restarts", "1", "--inverse-epochs", "1"),)),
     Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
          (("--rounds", "20", "--devices", "4"),),
          (("--rounds", "3", "--devices", "3", "--samples", "300", "--interval", "6"),)),
@@ -102,7 +106,7 @@ def _demote(markdown: str) -> str:
 def _relink(markdown: str, folder: Path, page: Path) -> str:
     """Image links written relative to an item's folder, rewritten relative to RESULTS.md."""
     prefix = os.path.relpath(folder, page.parent)
-    return re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
+    return re.sub(r"\]\(([\w.-]+(?:/[\w.-]+)*\.png)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
 
 
 def precision_table(folder: Path) -> str | None:
@@ -183,6 +187,17 @@ def targets(root: Path) -> list[tuple[str, str, bool | None]]:
         worst = min(rows, key=lambda r: r["ratio"])
         out.append(("protocol goodput >= 0.8x raw paho, every message size",
                     f"lowest {worst['ratio']:.2f}x at {worst['bytes']:,} B", worst["ratio"] >= 0.8))
+    audit = root / "audit" / "results.json"
+    if audit.exists():
+        rows = json.loads(audit.read_text())["rows"]
+        failing = [r["setting"] for r in rows if r["fails"]]
+        worst = min(rows, key=lambda r: r["attacks"][r["best"]]["psnr"])
+        best = worst["attacks"][worst["best"]]
+        out.append(("every inversion fails (PSNR <= 15 dB, SSIM <= 0.3) at a cost of at most 1 accuracy point "
+                    "(issue 15)",
+                    (f"fails only at {', '.join(failing)} of {len(rows)} settings; its accuracy cost not measured yet"
+                     if failing else f"fails at none of {len(rows)} settings; lowest {best['psnr']:.1f} dB, SSIM "
+                     f"{best['ssim']:.2f} ({worst['setting']}, {worst['best']})"), None if failing else False))
     return out
 
 
@@ -202,7 +217,7 @@ def write_results(root: Path, page: Path, command: str) -> str:
         if item.name == "precision":
             body = precision_table(folder)
             if body and (folder / "comparison.png").exists():
-                body += f"\n![precision]({os.path.relpath(folder / 'comparison.png', page.parent)})"
+                body += "\n![precision](comparison.png)"
         else:
             body = _read(folder / "tables.md") or _read(folder / "results.md")
         if body is None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -9,12 +11,14 @@ import click
 from export.backbone import resolve_model
 from export.cli import split_options
 from sfp_common.split_spec import SplitSpec
-from sfp_common.cli import recipe_from_options, recipe_options, run_cli
+from sfp_common.cli import default_of, recipe_from_options, recipe_options, run_cli
 from sfp_common.errors import ConfigError
 from sfp_common.recipe import Recipe
+from simulation.audit import AuditConfig
+from simulation.engine import SimConfig
 from simulation.methods import METHODS, TRAFFIC_VARIANTS, get_method
 
-DEFAULT_MODEL = "models/vit-fmnist.pth"
+DEFAULT_MODEL = default_of(SimConfig, "model")
 
 
 def recipe_of(method: str, **settings) -> Recipe:
@@ -33,25 +37,27 @@ HEADER = (f"{'round':>5}  {'accuracy':>8}  {'client_acc':>10}  {'MB_up':>10}  {'
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--method", type=click.Choice(list(METHODS)), default="sfprompt")
-@click.option("--dataset", default="mnist5k", help="fashion-mnist, mnist5k, digits, or a folder with a subfolder per class.")
+@click.option("--method", type=click.Choice(list(METHODS)), default=default_of(SimConfig, "method"))
+@click.option("--dataset", default=default_of(SimConfig, "dataset"),
+              help="fashion-mnist, mnist5k, digits, or a folder with a subfolder per class.")
 @click.option("--model", default=DEFAULT_MODEL, help="A timm model name or a checkpoint file (see sfp-pretrain).")
 @click.option("--random-init", is_flag=True, help="Do not load pretrained weights (pipeline checks only).")
-@click.option("--clients", default=10)
-@click.option("--rounds", default=5)
+@click.option("--clients", default=default_of(SimConfig, "clients"))
+@click.option("--rounds", default=default_of(SimConfig, "rounds"))
 @click.option("--alpha", type=float, default=None, help="Dirichlet label skew; omitted: IID.")
-@click.option("--fraction", type=float, default=1.0, help="Fraction of clients sampled each round.")
-@click.option("--seed", default=0)
+@click.option("--fraction", type=float, default=default_of(SimConfig, "fraction"),
+              help="Fraction of clients sampled each round.")
+@click.option("--seed", default=default_of(SimConfig, "seed"))
 @click.option("--train-samples", type=int, default=None, help="Use a seeded random subset of the training set.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--traffic", type=click.Choice(list(TRAFFIC_VARIANTS)), default="ours",
+@click.option("--traffic", type=click.Choice(list(TRAFFIC_VARIANTS)), default=default_of(SimConfig, "traffic"),
               help="'paper': four fp32 activation-sized transfers per batch; 'ours': the exact savings.")
 @split_options
 @recipe_options
 def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fraction, seed, train_samples, report, traffic,
              prompts, head_blocks, tail_blocks, **train_kw) -> None:
     """Run one federated method with N simulated clients for R rounds and print a per-round table."""
-    from simulation.engine import Federation, SimConfig
+    from simulation.engine import Federation
 
     def job() -> None:
         cfg = SimConfig(method=method, dataset=dataset, model=model, clients=clients, rounds=rounds, alpha=alpha,
@@ -117,5 +123,60 @@ def count_main(model, classes, samples, methods, json_out, prompts, head_blocks,
         if json_out:
             json_out.write_text(json.dumps({"model": model, "classes": classes, "samples": samples,
                                             "rows": rows}, indent=2) + "\n")
+
+    run_cli(job)
+
+
+def _numbers(kind: type, text: str, what: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", default=default_of(AuditConfig, "model"), help="The backbone the federation uses.")
+@click.option("--dataset", default=default_of(AuditConfig, "dataset"), help="The devices' task (its test images).")
+@click.option("--public", default=default_of(AuditConfig, "public"),
+              help="The server's public images of the same kind, for the learned inverse.")
+@click.option("--images", default=default_of(AuditConfig, "images"), help="Test images attacked.")
+@click.option("--public-images", default=default_of(AuditConfig, "public_images"))
+@click.option("--head-blocks", default=",".join(map(str, default_of(AuditConfig, "head_blocks"))),
+              help="Comma-separated splits k.")
+@click.option("--wires", default=",".join(default_of(AuditConfig, "wires")))
+@click.option("--noise", default=",".join(f"{n:g}" for n in default_of(AuditConfig, "noise")),
+              help="Comma-separated defence scales: Gaussian noise on the tokens, std x their RMS.")
+@click.option("--prompts", default=default_of(AuditConfig, "prompts"))
+@click.option("--steps", default=default_of(AuditConfig, "steps"), help="The optimised inverse's steps per restart.")
+@click.option("--restarts", default=default_of(AuditConfig, "restarts"))
+@click.option("--inverse-epochs", default=default_of(AuditConfig, "inverse_epochs"))
+@click.option("--seed", default=default_of(AuditConfig, "seed"))
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A server's checkpoint.npz: attack with its current prompts [default: the initial ones].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/audit"))
+def audit_main(model, dataset, public, images, public_images, head_blocks, wires, noise, prompts, steps, restarts,
+               inverse_epochs, seed, checkpoint, out) -> None:
+    """How well the server rebuilds the devices' images from the smashed tokens: per split, wire precision and
+    defence, PSNR and SSIM, with a picture of each."""
+    from simulation.audit import run_audit
+
+    def job() -> None:
+        cfg = AuditConfig(model=model, dataset=dataset, public=public, images=images, public_images=public_images,
+                          head_blocks=_numbers(int, head_blocks, "--head-blocks"),
+                          wires=tuple(w.strip() for w in wires.split(",") if w.strip()),
+                          noise=_numbers(float, noise, "--noise"), prompts=prompts, steps=steps, restarts=restarts,
+                          inverse_epochs=inverse_epochs, seed=seed, checkpoint=checkpoint)
+        if model == DEFAULT_MODEL and not Path(model).exists():
+            raise ConfigError(f"{model} does not exist: run `sfp-pretrain` (or `make backbone`) first, "
+                              "or name another model with --model")
+        script = sys.argv[0]
+        command = " ".join([f"python {os.path.relpath(script)}" if script.endswith(".py") else "sfp-audit",
+                            *sys.argv[1:]])
+        rows = run_audit(cfg, out, progress=lambda message: click.echo(message, err=True), command=command)
+        for row in rows:
+            best = row["attacks"][row["best"]]
+            click.echo(f"{row['setting']:<22} best {row['best']:<9} {best['psnr']:6.1f} dB  SSIM {best['ssim']:.2f}"
+                       f"  {'fails' if row['fails'] else 'RECONSTRUCTS'}")
+        click.echo(f"table, grids and plot in {out}/")
 
     run_cli(job)
