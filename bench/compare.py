@@ -5,7 +5,8 @@
         --central --out bench/results/comparison
 
 A run name is a method (simulation/methods.py) or a method with `-paper` appended (the same training with the
-paper's traffic: four fp32 activation-sized transfers per batch) or `-<wire>` (another token precision). Every
+paper's traffic: four fp32 activation-sized transfers per batch) or `-<wire>` (another token precision) or
+`-noise<scale>` (the noise defence on the smashed tokens, sfp_common/defence.py; last if combined). Every
 run uses the same data split per partition and seed, the same backbone, and each method its own recipe
 (sfp_common/recipe.py) unless --lr or --keep is given. `--central` adds each adaptation's central ceiling per
 seed (simulation/central.py: the pooled training shares, no federation; one per set of trained tensors). Runs
@@ -39,6 +40,7 @@ from simulation.accounting import WIRE_DTYPES  # noqa: E402
 from simulation.methods import METHODS  # noqa: E402
 
 PAPER_SUFFIX = "-paper"
+NOISE_SUFFIX = "-noise"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Run:
     method: str
     traffic: str = "ours"
     wire: str | None = None  # None: the comparison's --wire
+    token_noise: float | None = None   # None: the method's recipe's (none)
     partition: str = "iid"  # "iid" or "dir<alpha>"; "central" for a ceiling
     seed: int = 0
 
@@ -55,10 +58,17 @@ class Run:
         return None if self.partition in ("iid", "central") else float(self.partition[3:])
 
 
-def parse_run(name: str) -> tuple[str, str, str | None]:
-    """A run name -> (method, traffic, wire): 'sfprompt-paper' -> ('sfprompt', 'paper', None), 'sfprompt-int8' ->
-    ('sfprompt', 'ours', 'int8'); a plain method name -> (name, 'ours', None): the run takes --wire."""
-    method, traffic, wire = name, "ours", None
+def parse_run(name: str) -> tuple[str, str, str | None, float | None]:
+    """A run name -> (method, traffic, wire, token noise): 'sfprompt-paper' -> ('sfprompt', 'paper', None, None),
+    'sfprompt-int8' -> ('sfprompt', 'ours', 'int8', None), 'sfprompt-noise0.5' -> ('sfprompt', 'ours', None, 0.5);
+    a plain method name -> (name, 'ours', None, None): the run takes --wire."""
+    method, traffic, wire, noise = name, "ours", None, None
+    head, _, scale = method.rpartition(NOISE_SUFFIX)
+    if head and scale:
+        try:
+            method, noise = head, float(scale)
+        except ValueError:
+            raise ConfigError(f"{name!r}: a noise scale is a number, e.g. sfprompt-noise0.5") from None
     if method.endswith(PAPER_SUFFIX):
         method, traffic = method[:-len(PAPER_SUFFIX)], "paper"
     elif method.rsplit("-", 1)[-1] in WIRE_DTYPES:
@@ -66,9 +76,9 @@ def parse_run(name: str) -> tuple[str, str, str | None]:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}, optionally + '-paper' or "
                           f"+ '-<wire dtype>' ({', '.join(WIRE_DTYPES)})")
-    if (traffic == "paper" or wire) and not METHODS[method].split:
+    if (traffic == "paper" or wire or noise is not None) and not METHODS[method].split:
         raise ConfigError(f"{method} runs the whole model on the device: it has no split traffic to vary")
-    return method, traffic, wire
+    return method, traffic, wire, noise
 
 
 def parse_partition(text: str) -> str:
@@ -115,7 +125,8 @@ def run_one(run: Run, settings: dict, path: Path, threads: int | None = None) ->
                     spec=SplitSpec(settings["prompts"], settings["head_blocks"], settings["tail_blocks"]),
                     train_samples=settings["train_samples"],
                     recipe=recipe_of(run.method, lr=settings["lr"], keep=settings["keep"],
-                                     wire=run.wire or settings["wire"]), traffic=run.traffic)
+                                     wire=run.wire or settings["wire"], token_noise=run.token_noise),
+                    traffic=run.traffic)
     label = f"{run.partition}/{run.name}/seed{run.seed}"
     start = time.time()
     print(f"== {label}: {run.method}, traffic {run.traffic}, lr {cfg.recipe.lr}\n{label:<34} {HEADER}", flush=True)
@@ -149,7 +160,8 @@ def parse_seeds(text: str) -> list[int]:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--methods", default="sfprompt,fl",
-              help=f"Comma-separated run names: {', '.join(METHODS)}, or a split method + '-paper'.")
+              help=f"Comma-separated run names: {', '.join(METHODS)}, or a split method + '-paper', '-<wire>' or "
+                   "'-noise<scale>'.")
 @click.option("--partitions", default="0.5", help="Comma-separated: 'iid' and/or Dirichlet alphas.")
 @click.option("--central", is_flag=True, help="Also train each adaptation's central ceiling (per seed).")
 @click.option("--seeds", default="0", help="Comma-separated seeds; every run and ceiling once per seed.")

@@ -203,16 +203,17 @@ def client_memory(out: Path, names: list[str], model: str, batch: int) -> dict[s
     known = json.loads(cache.read_text()) if cache.exists() else {}
     for name in names:
         if name not in known:
-            method, traffic, _ = parse_run(name)
+            method, traffic, _, _ = parse_run(name)
             known[name] = measure_in_fresh_process(method, model, batch, traffic)["peak_mb"]
     cache.write_text(json.dumps(known, indent=2) + "\n")
     return known
 
 
-def run_order(name: str) -> tuple[int, bool, str]:
-    """Runs in the order simulation/methods.py lists the methods, each method's traffic and wire variants after it."""
-    method, traffic, wire = parse_run(name)
-    return list(METHODS).index(method), traffic != "ours", wire or ""
+def run_order(name: str) -> tuple[int, bool, str, float]:
+    """Runs in the order simulation/methods.py lists the methods, each method's traffic, wire and noise variants
+    after it."""
+    method, traffic, wire, noise = parse_run(name)
+    return list(METHODS).index(method), traffic != "ours", wire or "", noise or 0.0
 
 
 def write_report(out: Path, settings: dict) -> str:

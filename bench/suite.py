@@ -22,12 +22,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.compare import partition_title  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # The comparison's headline rows get three seeds; the ablations and the other baselines one (same folder, one
 # report: bench/compare.py reads every run there).
 HEADLINE_RUNS = "sfprompt,sfprompt-split-only,sfprompt-paper-phase1,fl"
 ABLATION_RUNS = "sfprompt-no-prune,sfprompt-no-local,sfprompt-paper,fedprompt,sfl"
 PRECISION_RUNS = "sfprompt-fp32,sfprompt-fp16,sfprompt-int8"
+NOISE_SCALES = ("0.25", "1", "4")        # the noise defence: the audit's scales, and their accuracy cost
+DEFENCE_RUNS = ",".join(["sfprompt", *(f"sfprompt-noise{s}" for s in NOISE_SCALES)])
 COMPARE = ("--partitions", "iid,0.5,0.1", "--central", "--rounds", "10", "--jobs", "2", "--resume")
 QUICK = ("--rounds", "2", "--train-samples", "1000", "--resume")
 
@@ -73,9 +78,14 @@ ITEMS = (
          "bench/device_step.py", (("--batches", "none", "--round-samples", "256", "--round-reps", "3"),),
          (("--models", "vit_tiny_patch16_224", "--batches", "none", "--round-samples", "32", "--round-reps", "1"),)),
     Item("audit", "7. What the server can see: inversion of the smashed tokens", "bench/audit.py",
-         ((), ("--wires", "fp16", "--noise", "0.25,1,4")),
+         ((), ("--wires", "fp16", "--noise", ",".join(NOISE_SCALES))),
          (("--head-blocks", "0,1", "--wires", "fp16", "--images", "4", "--public-images", "500", "--steps", "30",
            "--restarts", "1", "--inverse-epochs", "1"),)),
+    Item("defences", "7b. Defences: what the noise on the tokens costs in accuracy and buys against inversion",
+         "bench/compare.py", (("--methods", DEFENCE_RUNS, "--partitions", "iid,0.5", "--seeds", "0,1,2", "--rounds",
+                               "10", "--jobs", "2", "--resume"),),
+         (("--methods", "sfprompt,sfprompt-noise1", "--partitions", "0.5", "--rounds", "1", "--train-samples",
+           "1000", "--resume"),)),
     Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
          (("--rounds", "20", "--devices", "4"),),
          (("--rounds", "3", "--devices", "3", "--samples", "300", "--interval", "6"),)),
@@ -120,6 +130,50 @@ def precision_table(folder: Path) -> str | None:
         acc = row["final_spread"]
         lines.append(f"| {row['run'].rsplit('-', 1)[-1]} | {acc['n']} | {acc['mean']:.3f} ± {acc['sd']:.3f} "
                      f"({acc['min']:.3f} - {acc['max']:.3f}) | {row['bytes_per_round'] / 1e6:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def defence_table(folder: Path, audit: Path) -> str | None:
+    """Each noise scale's accuracy (mean ± sd over seeds) and its cost against no noise, beside what the audit's
+    best attack rebuilds at that scale (no head blocks, fp16 tokens): the trade a user chooses from."""
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return None
+    parts = json.loads(summary.read_text())["partitions"]
+    rows = {p: {r["run"]: r for r in rs} for p, rs in parts.items()}
+    attacks = {}
+    for path in (audit / "rows").glob("k0-fp16-noise*.json") if (audit / "rows").exists() else []:
+        row = json.loads(path.read_text())
+        attacks[row["noise"]] = row
+    runs = list(dict.fromkeys(r for p in rows.values() for r in p))
+    lines = ["Noise on the smashed patch tokens (std x their RMS; `--token-noise`, sfp_common/defence.py), no head "
+             "blocks, fp16 tokens; accuracy mean ± sd over the seeds (the evaluation's tokens noised too, as a "
+             "defended device sends them), cost in points against no noise (between means, single-seed swings are "
+             "3-7 points); reconstruction: the audit's strongest attack on the same setting.", "",
+             "| noise | " + " | ".join(f"{partition_title(p)}: final (cost)" for p in rows) +
+             " | MB/client/round | client MFLOPs/round | reconstruction: best PSNR, SSIM (attack) | fails |",
+             "|---|" + "---|" * len(rows) + "---|---|---|---|"]
+    for run in runs:
+        scale = float(run.rsplit("-noise", 1)[1]) if "-noise" in run else 0.0
+        cells = []
+        for p, by_run in rows.items():
+            r, base = by_run.get(run), by_run.get("sfprompt")
+            if r is None:
+                cells.append("-")
+                continue
+            s = r["final_spread"]
+            cost = "" if base is None or run == "sfprompt" else (
+                f" ({100 * (r['final_accuracy'] - base['final_accuracy']):+.1f})")
+            cells.append(f"{s['mean']:.3f} ± {s['sd']:.3f} ({s['n']}){cost}")
+        any_row = next(by_run[run] for by_run in rows.values() if run in by_run)
+        attack = attacks.get(scale)
+        if attack:
+            best = max(attack["attacks"].items(), key=lambda kv: kv[1]["psnr"])
+            seen = (f"{best[1]['psnr']:.1f} dB, {max(a['ssim'] for a in attack['attacks'].values()):.2f} "
+                    f"({best[0]})")
+        lines.append(f"| {scale:g} | {' | '.join(cells)} | {any_row['bytes_per_round'] / 1e6:.2f} | "
+                     f"{any_row['client_flops_per_round'] / 1e6:.1f} | {seen if attack else '-'} | "
+                     f"{('yes' if attack['fails'] else 'no') if attack else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +268,10 @@ def write_results(root: Path, page: Path, command: str) -> str:
         lines.append(f"| {name} | {measured} | {'-' if met is None else 'yes' if met else '**no**'} |")
     for item in ITEMS:
         folder = root / item.name
-        if item.name == "precision":
-            body = precision_table(folder)
+        if item.name in ("precision", "defences"):
+            body = precision_table(folder) if item.name == "precision" else defence_table(folder, root / "audit")
             if body and (folder / "comparison.png").exists():
-                body += "\n![precision](comparison.png)"
+                body += f"\n![{item.name}](comparison.png)"
         else:
             body = _read(folder / "tables.md") or _read(folder / "results.md")
         if body is None:

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_client.device_state import BUNDLE, DeviceConfig
 from edge_client.memory import DeviceMemory
 from edge_client.profiles import execution_providers
 from edge_client.remote_body import RemoteBody, RoundAborted
-from edge_client.round import run_round
+from edge_client.round import defended, run_round
 from edge_client.runtime import ClientRuntime, open_runtime
 from sfp_common.bundle import BundleError
 from sfp_common.datasets import load_device_folder
@@ -48,6 +50,7 @@ class DeviceAgent:
         self.x_test, self.y_test = (preprocess(data.test.images, prep), data.test.labels) if len(data.test) else (
             None, None)
         self.memory = DeviceMemory(self.state, len(self.y_train))
+        self.token_noise = 0.0          # the last round plan's: evaluation forwards are defended as training's
         self.rounds: queue.Queue[Message] = queue.Queue()
         self.status: dict[str, Any] = {"device": self.config.device, "activity": "idle", "round": None,
                                        "samples": int(len(self.y_train)), "profile": self.profile.name,
@@ -154,6 +157,7 @@ class DeviceAgent:
         sent_raw0 = self.link.traffic.sent
         self.publish_status(activity="starting", round=index)
         memory = self.memory.begin(index)
+        self.token_noise = plan.recipe.token_noise
         result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote, memory,
                            on_phase=lambda phase: self.publish_status(activity=phase),
                            embed_cache_bytes=self.profile.embed_cache_mb << 20)
@@ -175,10 +179,13 @@ class DeviceAgent:
     def _evaluate(self, index: int, attempt: int) -> None:
         self.publish_status(activity="evaluating", round=index)
         correct, total = 0, 0
+        noise = np.random.default_rng([index, attempt]) if self.token_noise else None
         if self.x_test is not None:
             batch = self.profile.batch_size
             for i in range(0, len(self.y_test), batch):
-                features = self.remote.forward(self.runtime.smash(self.x_test[i:i + batch]), evaluate=True)
+                tokens = defended(self.runtime, self.runtime.smash(self.x_test[i:i + batch]), self.token_noise,
+                                  noise)
+                features = self.remote.forward(tokens, evaluate=True)
                 logits = self.runtime.tail_logits(features)
                 correct += int((logits.argmax(axis=1) == self.y_test[i:i + batch]).sum())
                 total += len(logits)

@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_client.runtime import ClientRuntime
 from sfp_common.batching import batch_order
+from sfp_common.defence import noise_generator, token_noise
 from sfp_common.pruning import SampleMemory, choose_samples
 from wire_protocol.contracts import RoundPlan
 
@@ -45,6 +46,7 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
     recipe = plan.recipe
     runtime.reset_optimizer()
     rng = np.random.default_rng(plan.seed)
+    noise = noise_generator(rng, recipe.token_noise)
     n = len(labels)
     if recipe.prune != "none":
         on_phase("pruning")
@@ -64,7 +66,7 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
             rows = kept[idx]
             x, y = images[rows], labels[rows]
             tokens = runtime.smash(x) if embedded is None else runtime.attach_prompts(embedded[idx])
-            features = server.forward(tokens)
+            features = server.forward(defended(runtime, tokens, recipe.token_noise, noise))
             step = runtime.tail_step(features, y, recipe.lr)
             grad = server.backward(step.dfeatures)
             runtime.prompt_step(grad, recipe.lr, images=None if runtime.manifest.prompt_gradient_only else x)
@@ -78,6 +80,14 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
                 rows = cached[idx]
                 runtime.tail_only_step(memory.features[rows].astype(np.float32), labels[rows], recipe.lr)
     return RoundResult(runtime.trainables(), n, len(kept), loss_sum)
+
+
+def defended(runtime: ClientRuntime, tokens: np.ndarray, scale: float, noise: np.random.Generator | None
+             ) -> np.ndarray:
+    """The smashed tokens as they leave the device: with the recipe's noise on the patch tokens, if any."""
+    if noise is None:
+        return tokens
+    return tokens + token_noise(tokens, runtime.manifest.num_prefix_tokens + runtime.manifest.prompts, scale, noise)
 
 
 def embed_once(runtime: ClientRuntime, images: np.ndarray, kept: np.ndarray, batch_size: int,

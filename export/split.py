@@ -147,6 +147,14 @@ class SplitViT(nn.Module):
     def tail_local(self, head_tokens: torch.Tensor) -> torch.Tensor:
         return self.tail(head_tokens.mean(dim=1, keepdim=True), pool_type="token")
 
+    def recut(self, vit: VisionTransformer, head_blocks: int) -> SplitViT:
+        """The same model (`vit`, the one this was cut from) cut after another number of head blocks: every
+        parameter shared, the prompts too, so devices cut differently train the same tensors."""
+        with torch.random.fork_rng():                 # the new Head's prompt initialisation draws nothing
+            view = SplitViT(vit, SplitSpec(self.spec.prompts, head_blocks, self.spec.tail_blocks))
+        view.head.prompts = self.head.prompts
+        return view
+
     def trainable_names(self, parts: tuple[str, ...]) -> list[str]:
         """Parameter names of the named parts: any of 'prompts', 'head', 'body', 'tail', 'classifier'."""
         prefixes = {"prompts": ("head.prompts",), "head": ("head.",), "body": ("body.",), "tail": ("tail.",),

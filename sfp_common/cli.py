@@ -68,6 +68,9 @@ def recipe_options(f: Callable) -> Callable:
         click.option("--local-epochs", type=int, default=None, help="Passes of the local-loss update."),
         click.option("--wire", type=click.Choice(FLOAT_WIRES), default=None,
                      help="Smashed tokens and features on the wire (a device uses its profile's)."),
+        click.option("--token-noise", type=float, default=None,
+                     help="A defence against inversion: Gaussian noise on the smashed patch tokens, std x their "
+                          "RMS (sfp_common/defence.py; what it buys: sfp-audit)."),
     ]
     for option in reversed(options):
         f = option(f)

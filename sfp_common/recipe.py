@@ -20,6 +20,8 @@ implemented") says which choices are the paper's and which are ours, and bench/R
   - "local-path" (the paper's reading): prompts and tail through the body-skipped local path, before split
     training, `local_epochs` passes.
   - "none".
+`token_noise` is a defence against inversion of the smashed tokens, off by default (sfp_common/defence.py; what it
+costs and buys: bench/results/defences/ and bench/results/audit/).
 The defaults (2 split passes, keep the hardest half by split-path EL2N, 5 passes of the tail on cached features)
 were chosen from the candidates measured in bench/results/phase1/: as accurate as split training alone with
 0.37x its bytes. "local-path" and "local-el2n" stay for the `sfprompt-paper-phase1` ablation.
@@ -53,6 +55,7 @@ class Recipe:
     local_update: str = "cached-features"
     local_epochs: int = 5
     wire: str = "fp16"              # smashed tokens and features; a device uses its profile's
+    token_noise: float = 0.0        # a defence: Gaussian noise on the smashed patch tokens, std x their RMS
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -61,6 +64,9 @@ class Recipe:
                                  ("local_epochs", self.local_epochs, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.token_noise, (int, float)) and math.isfinite(self.token_noise)
+                and self.token_noise >= 0):
+            raise ConfigError(f"token noise must be a number >= 0, got {self.token_noise!r}")
         if not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
             raise ConfigError(f"keep fraction must be in (0, 1], got {self.keep!r}")
         for name, value, choices in (("prune", self.prune, PRUNE_RULES), ("select", self.select, SELECT_RULES),

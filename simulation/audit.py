@@ -23,6 +23,7 @@ import torch
 from export.backbone import create_vit, preprocessing_of, resolve_model
 from export.split import SplitViT
 from sfp_common.datasets import load_dataset
+from sfp_common.defence import token_noise
 from sfp_common.errors import ConfigError
 from sfp_common.preprocess import Preprocessing, preprocess
 from sfp_common.split_spec import SplitSpec
@@ -44,7 +45,7 @@ class AuditConfig:
     public_images: int = 10000
     head_blocks: tuple[int, ...] = (0, 1, 2)
     wires: tuple[str, ...] = ("fp32", "fp16", "int8")
-    noise: tuple[float, ...] = (0.0,)   # defence: Gaussian noise on the patch tokens, std x their RMS
+    noise: tuple[float, ...] = (0.0,)   # defence: the recipe's token_noise (sfp_common/defence.py)
     prompts: int = 10
     steps: int = 300                    # the optimised inverse: Adam steps per restart
     restarts: int = 3
@@ -77,15 +78,11 @@ def image_scores(original: np.ndarray, rebuilt: np.ndarray) -> tuple[np.ndarray,
     return np.minimum(psnr, 100.0), ssim          # an exact copy has infinite PSNR: shown as 100 dB
 
 
-def add_noise(tokens: torch.Tensor, model: SplitViT, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """The noise defence on a device: Gaussian noise on the patch tokens, std `scale` x their RMS."""
+def add_noise(tokens: torch.Tensor, model: SplitViT, scale: float, rng: np.random.Generator) -> torch.Tensor:
+    """The noise defence as a device applies it (sfp_common/defence.py, the recipe's `token_noise`)."""
     if scale == 0:
         return tokens
-    patches = patch_slice(model)
-    noisy = tokens.clone()
-    rms = tokens[:, patches].pow(2).mean().sqrt()
-    noisy[:, patches] += scale * rms * torch.randn(noisy[:, patches].shape, generator=generator)
-    return noisy
+    return tokens + torch.from_numpy(token_noise(tokens.numpy(), patch_slice(model).start, scale, rng))
 
 
 def setting_name(k: int, wire: str, noise: float) -> str:
@@ -130,8 +127,8 @@ class Audit:
     def attack(self, k: int, wire: str, noise: float) -> tuple[dict, dict[str, np.ndarray]]:
         """One setting's row and each attack's reconstructed pixels."""
         cfg, model = self.cfg, self.model(k)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        defend = lambda tokens: add_noise(tokens, model, noise, generator)          # noqa: E731
+        rng = np.random.default_rng(cfg.seed)
+        defend = lambda tokens: add_noise(tokens, model, noise, rng)                # noqa: E731
         with torch.no_grad():
             tokens = on_the_wire(defend(model.head(self.images)), wire)
         rebuilt: dict[str, torch.Tensor] = {}

@@ -26,6 +26,13 @@ def recipe_of(method: str, **settings) -> Recipe:
     return recipe_from_options(get_method(method).recipe, **settings)
 
 
+def _numbers(kind: type, text: str, what: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
 def format_row(row: dict) -> str:
     return (f"{row['round']:>5}  {row['accuracy']:>8.4f}  {row['client_accuracy']:>10.4f}  "
             f"{row['bytes_up'] / 1e6:>10.3f}  {row['bytes_down'] / 1e6:>10.3f}  {row['client_flops'] / 1e9:>12.3f}  "
@@ -49,13 +56,15 @@ HEADER = (f"{'round':>5}  {'accuracy':>8}  {'client_acc':>10}  {'MB_up':>10}  {'
               help="Fraction of clients sampled each round.")
 @click.option("--seed", default=default_of(SimConfig, "seed"))
 @click.option("--train-samples", type=int, default=None, help="Use a seeded random subset of the training set.")
+@click.option("--client-head-blocks", default="",
+              help="Per-client head blocks, cycled over the clients (e.g. 0,0,1,2) [default: all --head-blocks].")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--traffic", type=click.Choice(list(TRAFFIC_VARIANTS)), default=default_of(SimConfig, "traffic"),
               help="'paper': four fp32 activation-sized transfers per batch; 'ours': the exact savings.")
 @split_options
 @recipe_options
-def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fraction, seed, train_samples, report, traffic,
-             prompts, head_blocks, tail_blocks, **train_kw) -> None:
+def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fraction, seed, train_samples,
+             client_head_blocks, report, traffic, prompts, head_blocks, tail_blocks, **train_kw) -> None:
     """Run one federated method with N simulated clients for R rounds and print a per-round table."""
     from simulation.engine import Federation
 
@@ -63,7 +72,8 @@ def sim_main(method, dataset, model, random_init, clients, rounds, alpha, fracti
         cfg = SimConfig(method=method, dataset=dataset, model=model, clients=clients, rounds=rounds, alpha=alpha,
                         seed=seed, fraction=fraction, spec=SplitSpec(prompts, head_blocks, tail_blocks),
                         recipe=recipe_of(method, **train_kw), traffic=traffic, pretrained=not random_init,
-                        train_samples=train_samples)
+                        train_samples=train_samples,
+                        client_head_blocks=_numbers(int, client_head_blocks, "--client-head-blocks"))
         cfg.check()
         if model == DEFAULT_MODEL and not Path(model).exists():
             raise ConfigError(f"{model} does not exist: run `sfp-pretrain` (or `make backbone`) first, "
@@ -125,13 +135,6 @@ def count_main(model, classes, samples, methods, json_out, prompts, head_blocks,
                                             "rows": rows}, indent=2) + "\n")
 
     run_cli(job)
-
-
-def _numbers(kind: type, text: str, what: str) -> tuple:
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 @click.command(context_settings={"show_default": True})

@@ -25,7 +25,8 @@ from sfp_common.pruning import SampleMemory
 from sfp_common.recipe import Recipe
 from sfp_common.strategy import FedAvgStrategy
 from simulation.counting import count_client_round
-from simulation.methods import TRAFFIC_VARIANTS, ClientData, Method, client_round, get_method, named_params
+from simulation.methods import (TRAFFIC_VARIANTS, ClientData, Method, client_round, defended, get_method,
+                                named_params)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class SimConfig:
     fraction: float = 1.0                  # clients sampled per round
     test_fraction: float = 0.2             # each client's own local test split
     spec: SplitSpec = field(default_factory=SplitSpec)
+    # per-client head blocks, cycled over the clients (each device runs what its profile affords); empty: all
+    # spec.head_blocks. Prompts and tail are the same tensors at every cut, so FedAvg is unchanged.
+    client_head_blocks: tuple[int, ...] = ()
     recipe: Recipe | None = None           # None: the method's own (simulation/methods.py)
     traffic: str = "ours"                  # "paper": four fp32 activation-sized transfers per batch
     pretrained: bool = True                # False: random weights (tests, counting)
@@ -56,6 +60,8 @@ class SimConfig:
             raise ConfigError(f"alpha must be > 0 (omit it for IID), got {self.alpha}")
         if self.traffic not in TRAFFIC_VARIANTS:
             raise ConfigError(f"unknown traffic variant {self.traffic!r}; choose ours or paper")
+        if any(not isinstance(k, int) or k < 0 for k in self.client_head_blocks):
+            raise ConfigError(f"client head blocks must be integers >= 0, got {self.client_head_blocks}")
         if self.train_samples is not None and self.train_samples < 1:
             raise ConfigError(f"train_samples must be >= 1, got {self.train_samples}")
 
@@ -71,14 +77,17 @@ def load_state(params: dict[str, torch.nn.Parameter], state: dict[str, np.ndarra
             params[name].copy_(torch.from_numpy(value))
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy in eval mode; the model's training mode is restored afterwards."""
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy in eval mode (of `forward`, the model's own by default); the model's training mode is
+    restored afterwards."""
     if len(y) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
+    run = forward or model
     with torch.no_grad():
-        correct = sum(int((model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
+        correct = sum(int((run(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(y), batch_size))
     model.train(was_training)
     return correct / len(y)
@@ -108,6 +117,10 @@ class Federation:
         self.model.set_trainable(self.method.client_parts + self.method.server_parts)
         self.client_params = named_params(self.model, self.method.client_parts)
         self.server_params = named_params(self.model, self.method.server_parts)
+        self.client_cut = [cfg.client_head_blocks[c % len(cfg.client_head_blocks)] if cfg.client_head_blocks
+                           else spec.head_blocks for c in range(cfg.clients)]
+        self.cuts = {k: self.model if k == spec.head_blocks else self.model.recut(vit, k)
+                     for k in sorted(set(self.client_cut))}
 
         prep = preprocessing_of(vit)
         self.preprocessing = prep
@@ -117,7 +130,7 @@ class Federation:
         self.y_test = torch.from_numpy(data.test.labels)
         shards = partition(train_set.labels, cfg.clients, cfg.alpha, self.rng)
         self.num_classes = len(data.classes)
-        self._flops: dict[tuple[int, int, int], int] = {}
+        self._flops: dict[tuple[int, int, int, int], int] = {}
         self.clients: list[ClientData] = []
         self.train_set = train_set                      # raw images, so a device can be given the same share
         self.client_indices: list[tuple[np.ndarray, np.ndarray]] = []   # per client: train, local test
@@ -127,21 +140,27 @@ class Federation:
             self.clients.append(ClientData(x_train[train], y_train[train], x_train[test], y_train[test]))
         self.memories = [SampleMemory.empty(c.num_train) for c in self.clients]
 
-    def client_flops(self, memory: SampleMemory) -> int:
+    def client_flops(self, memory: SampleMemory, head_blocks: int | None = None) -> int:
         """A client's FLOPs for a round, counted by running its round on meta tensors (equal to a real round's
-        count, see tests/test_accounting.py), once per local sample count and number of samples scored and
+        count, see tests/test_accounting.py), once per cut, local sample count and number of samples scored and
         cached before the round (what pruning and the cached-feature update depend on)."""
-        key = (len(memory), int(np.isnan(memory.scores).sum()), int(memory.has_features.sum()))
+        spec = self.model.spec if head_blocks is None else self.cuts[head_blocks].spec
+        key = (spec.head_blocks, len(memory), int(np.isnan(memory.scores).sum()), int(memory.has_features.sum()))
         if key not in self._flops:
             self._flops[key] = count_client_round(
-                self.cfg.method, self.source, self.num_classes, self.model.spec, self.cfg.recipe, key[0],
-                memory=SampleMemory.shaped_like(*key), traffic=self.cfg.traffic).flops
+                self.cfg.method, self.source, self.num_classes, spec, self.cfg.recipe, key[1],
+                memory=SampleMemory.shaped_like(*key[1:]), traffic=self.cfg.traffic).flops
         return self._flops[key]
 
-    def evaluate(self) -> tuple[float, float]:
-        """Central test accuracy, and the mean of the clients' local test accuracies, of the global model."""
-        central = accuracy(self.model, self.x_test, self.y_test)
-        local = [accuracy(self.model, c.x_test, c.y_test) for c in self.clients if len(c.y_test)]
+    def evaluate(self, round_index: int = 0) -> tuple[float, float]:
+        """Central test accuracy, and the mean of the clients' local test accuracies, of the global model; with
+        the recipe's token noise, as a defended device would use it (its tokens noised on their way, too)."""
+        forward = None
+        if self.method.split and self.cfg.recipe.token_noise:
+            model, noise = self.model, np.random.default_rng([self.cfg.seed, round_index])
+            forward = lambda x: model.tail(model.body(defended(model, self.cfg.recipe, model.head(x), noise)))  # noqa
+        central = accuracy(self.model, self.x_test, self.y_test, forward=forward)
+        local = [accuracy(self.model, c.x_test, c.y_test, forward=forward) for c in self.clients if len(c.y_test)]
         return central, float(np.mean(local)) if local else float("nan")
 
     def run_round(self, round_index: int, progress: bool = False) -> dict:
@@ -154,9 +173,9 @@ class Federation:
             load_state(self.client_params, global_client)
             load_state(self.server_params, global_server)
             plan = self.strategy.plan(round_index, client)
-            flops = self.client_flops(self.memories[client])
-            result = client_round(self.model, self.method, plan.recipe, self.clients[client],
-                                  np.random.default_rng(plan.seed),
+            flops = self.client_flops(self.memories[client], self.client_cut[client])
+            result = client_round(self.cuts[self.client_cut[client]], self.method, plan.recipe,
+                                  self.clients[client], np.random.default_rng(plan.seed),
                                   self.memories[client], self.cfg.traffic, count_flops=False)
             result.meter.flops = flops
             uploads.append({name: t.numpy() for name, t in result.upload.items()})
@@ -168,7 +187,7 @@ class Federation:
         load_state(self.client_params, self.strategy.aggregate(uploads, counts))
         if self.server_params:
             load_state(self.server_params, self.strategy.aggregate(server_states, counts))
-        central, local = self.evaluate()
+        central, local = self.evaluate(round_index)
         return {
             "round": round_index,
             "accuracy": central,
@@ -195,7 +214,8 @@ class Federation:
         return {
             "method": cfg.method, "model": self.model_label, "dataset": self.dataset_name,
             "clients": cfg.clients, "seed": cfg.seed, "alpha": cfg.alpha, "fraction": cfg.fraction,
-            "split": asdict(self.model.spec), "train": cfg.recipe.as_dict(), "traffic": cfg.traffic,
+            "split": asdict(self.model.spec), "client_head_blocks": self.client_cut, "train": cfg.recipe.as_dict(),
+            "traffic": cfg.traffic,
             "samples_per_client": [c.num_train for c in self.clients],
             "rounds": rows,
         }

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from export.split import SplitViT
 from sfp_common.batching import batch_order
+from sfp_common.defence import noise_generator, token_noise
 from sfp_common.errors import ConfigError
 from sfp_common.pruning import SampleMemory, choose_samples, el2n_scores
 from sfp_common.recipe import Recipe
@@ -114,19 +115,30 @@ class SplitBatch:
     features: torch.Tensor      # the body features as the client received them
 
 
+def defended(model: SplitViT, recipe: Recipe, smashed: torch.Tensor, noise: np.random.Generator | None
+             ) -> torch.Tensor:
+    """The smashed tokens as the device sends them: with the recipe's noise on the patch tokens (a constant shift:
+    gradients pass through unchanged)."""
+    if noise is None or smashed.is_meta:
+        return smashed
+    first = model.head.num_prefix_tokens + model.spec.prompts
+    return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), first, recipe.token_noise, noise))
+
+
 def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                meter: ClientMeter, client_opt: torch.optim.Optimizer,
                server_opt: torch.optim.Optimizer | None, traffic: str = "ours",
-               embedded: torch.Tensor | None = None) -> SplitBatch:
+               embedded: torch.Tensor | None = None, noise: np.random.Generator | None = None) -> SplitBatch:
     """One batch of split training: head on the client, body on the server, tail on the client, and back.
     `embedded`: the batch's embedded tokens, computed earlier in the round (no head blocks): only the prompts are
-    put in here."""
+    put in here. `noise`: the round's noise stream when the recipe defends the tokens."""
     ours = traffic == "ours"
     act_wire = recipe.wire if ours else "fp32"
     with meter.client_compute():
         client_opt.zero_grad()
         smashed = model.head(x) if embedded is None else model.head.blocks(model.head.attach_prompts(embedded))
-    tokens = meter.up(smashed, act_wire).requires_grad_(True)                     # server
+        sent = defended(model, recipe, smashed, noise)
+    tokens = meter.up(sent, act_wire).requires_grad_(True)                        # server
     body_out = model.body(tokens)
     needed = body_out[:, model.tail.pooled_positions(body_out.shape[1])] if ours else body_out
     features = meter.down(needed, act_wire).requires_grad_(True)                  # client
@@ -207,6 +219,7 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
         upload = {name: meter.up(param) for name, param in client_params.items()}
         return ClientResult(meter, upload, n, n, loss_sum)
 
+    noise = noise_generator(rng, recipe.token_noise)
     kept = choose_samples(recipe, memory, rng, lambda: local_path_scores(model, data, recipe, meter))
     if recipe.local_update == "local-path":
         for _ in range(recipe.local_epochs):
@@ -223,7 +236,8 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
         for i in batch_order(len(kept), bs, rng):
             idx = torch.from_numpy(kept[i])
             step = split_step(model, method, recipe, data.x_train[idx], data.y_train[idx], meter, client_opt,
-                              server_opt, traffic, None if embedded is None else embedded[torch.from_numpy(i)])
+                              server_opt, traffic, None if embedded is None else embedded[torch.from_numpy(i)],
+                              noise)
             loss_sum = loss_sum + step.loss_sum
             if not counting:
                 memory.record(kept[i], step.logits.numpy(), data.y_train[idx].numpy(), step.features.numpy(),

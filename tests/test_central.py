@@ -61,10 +61,11 @@ def test_methods_that_train_the_same_tensors_share_a_ceiling():
 
 
 def test_run_names_partitions_and_plan():
-    assert parse_run("sfprompt") == ("sfprompt", "ours", None)
-    assert parse_run("sfprompt-paper") == ("sfprompt", "paper", None)
-    assert parse_run("sfprompt-no-prune-int8") == ("sfprompt-no-prune", "ours", "int8")
-    for bad in ("fl-paper", "fedprompt-int8", "nope"):
+    assert parse_run("sfprompt") == ("sfprompt", "ours", None, None)
+    assert parse_run("sfprompt-paper") == ("sfprompt", "paper", None, None)
+    assert parse_run("sfprompt-no-prune-int8") == ("sfprompt-no-prune", "ours", "int8", None)
+    assert parse_run("sfprompt-int8-noise0.5") == ("sfprompt", "ours", "int8", 0.5)
+    for bad in ("fl-paper", "fedprompt-int8", "nope", "fl-noise1", "sfprompt-noisex"):
         with pytest.raises(ConfigError):
             parse_run(bad)
     assert parse_partition("iid") == "iid" and parse_partition("0.50") == "dir0.5"

@@ -41,13 +41,19 @@ class TorchBody:
         return self.tokens.grad.numpy()
 
 
-@pytest.mark.parametrize("cut,optimizer,method", [((0, 0), "adamw", "sfprompt"), ((1, 1), "sgd", "sfprompt"),
-                                                  ((0, 0), "sgd", "sfprompt-paper-phase1")])
-def test_device_rounds_reproduce_the_reference_federation(digits_checkpoint, tmp_path, cut, optimizer, method):
+@pytest.mark.parametrize("cut,optimizer,method,noise", [((0, 0), "adamw", "sfprompt", 0.0),
+                                                        ((1, 1), "sgd", "sfprompt", 0.0),
+                                                        ((0, 0), "sgd", "sfprompt-paper-phase1", 0.0),
+                                                        ((0, 0), "adamw", "sfprompt", 0.5),
+                                                        ((1, 1), "sgd", "sfprompt", 0.5)])
+def test_device_rounds_reproduce_the_reference_federation(digits_checkpoint, tmp_path, cut, optimizer, method,
+                                                          noise):
     """Three rounds: the default recipe prunes by the scores the first round recorded and trains the tail on the
-    features it cached; the paper's phase 1 runs the body-skipped local path."""
+    features it cached; the paper's phase 1 runs the body-skipped local path; the noise defence (sfp-audit) draws
+    the same noise on the device as in the reference."""
     train = METHODS[method].recipe.but(lr=3e-3 if optimizer == "adamw" else 3e-2, batch_size=16, epochs=1,
-                                       optimizer=OptimizerSpec(optimizer, weight_decay=0.01), wire="fp16")
+                                       optimizer=OptimizerSpec(optimizer, weight_decay=0.01), wire="fp16",
+                                       token_noise=noise or None)
     cfg = SimConfig(method=method, dataset="digits", model=digits_checkpoint, clients=3, rounds=3, alpha=0.5,
                     seed=7, spec=SplitSpec(2, *cut), recipe=train, train_samples=300)
     fed = Federation(cfg)

@@ -121,3 +121,25 @@ def test_splitfed_with_exact_traffic_is_federated_full_fine_tuning(digits_checkp
     assert fl_acc == sfl_acc
     for name, value in fl_state.items():
         np.testing.assert_allclose(sfl_state[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_devices_cut_at_different_depths_train_the_same_function(digits_checkpoint):
+    """Mixed splits (issue 15): the cut moves where the device stops and the server starts, not what is computed,
+    so with fp32 tokens a federation whose clients run 0, 1 and 2 head blocks trains the global prompts and tail
+    a uniform k = 0 federation trains, to float tolerance; its devices pay in FLOPs and in the dL/dtokens they
+    receive instead of dL/dprompts."""
+    from sfp_common.recipe import Recipe
+
+    def federation(cuts):
+        cfg = SimConfig(dataset="digits", model=digits_checkpoint, clients=3, rounds=2, seed=5, spec=SplitSpec(2),
+                        recipe=Recipe(batch_size=16, wire="fp32"), train_samples=150, client_head_blocks=cuts)
+        fed = Federation(cfg)
+        return fed, fed.run(), [fed.client_flops(fed.memories[c], fed.client_cut[c]) for c in range(3)]
+    uniform, uniform_report, uniform_flops = federation(())
+    mixed, mixed_report, mixed_flops = federation((0, 1, 2))
+    assert mixed_report["client_head_blocks"] == [0, 1, 2] and uniform_report["client_head_blocks"] == [0, 0, 0]
+    for name, value in state_of(uniform.client_params).items():
+        np.testing.assert_allclose(state_of(mixed.client_params)[name], value, rtol=1e-4, atol=1e-6)
+    assert mixed_flops[0] == uniform_flops[0] < mixed_flops[1] < mixed_flops[2]
+    assert mixed_report["rounds"][-1]["bytes_down"] > uniform_report["rounds"][-1]["bytes_down"]
+    assert mixed.model.head.prompts is mixed.cuts[2].head.prompts           # one tensor, trained by every cut
