@@ -42,39 +42,46 @@ def best_device() -> torch.device:
 
 
 class BodyCompute:
+    """The body from every cut a device may run (0 to the federation's head blocks): the blocks after the device's
+    head blocks, the same modules shared by every cut."""
+
     def __init__(self, model: SplitViT, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device) if device is not None else best_device()
         self.dtype = dtype
-        self.blocks = model.body.to(self.device).eval()
-        for p in self.blocks.parameters():
+        self.head_blocks = model.spec.head_blocks          # the federation's: the most a device runs
+        self.cuts = {k: model.recut(k).body.to(self.device).eval() for k in range(self.head_blocks + 1)}
+        for p in self.cuts[0].parameters():
             p.requires_grad_(False)
         self.pooled = model.tail.pooled_positions
         self.first_prompt = model.head.num_prefix_tokens
         self.prompts = model.spec.prompts
-        self.prompt_gradient_only = model.spec.head_blocks == 0
 
-    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, head_blocks: int) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.blocks(tokens)
+            out = self.cuts[head_blocks](tokens)
         return out[:, self.pooled(out.shape[1])].float()
 
-    def forward(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Features for each request's tokens, computed as one batch."""
+    def forward(self, batches: list[np.ndarray], head_blocks: int | None = None) -> list[np.ndarray]:
+        """Features for each request's tokens (all from devices cut after `head_blocks`), computed as one batch."""
+        k = self.head_blocks if head_blocks is None else head_blocks
         sizes = [len(b) for b in batches]
         with torch.no_grad():
             x = torch.from_numpy(np.concatenate(batches)).to(self.device)
-            out = self._run(x).cpu().numpy()
+            out = self._run(x, k).cpu().numpy()
         return np.split(out, np.cumsum(sizes)[:-1])
 
-    def backward(self, batches: list[np.ndarray], dfeatures: list[np.ndarray]) -> list[np.ndarray]:
-        """Each request's gradient for the device: dL/dprompts [P, D] summed over its batch, or dL/dtokens."""
+    def backward(self, batches: list[np.ndarray], dfeatures: list[np.ndarray], head_blocks: int | None = None
+                 ) -> list[np.ndarray]:
+        """Each request's gradient for the device: dL/dprompts [P, D] summed over its batch (a device with no head
+        blocks), or dL/dtokens."""
+        k = self.head_blocks if head_blocks is None else head_blocks
         sizes = [len(b) for b in batches]
         x = torch.from_numpy(np.concatenate(batches)).to(self.device).requires_grad_(True)
         upstream = torch.from_numpy(np.concatenate(dfeatures)).to(self.device)
-        self._run(x).backward(upstream)
+        self._run(x, k).backward(upstream)
         grads = np.split(x.grad.cpu().numpy(), np.cumsum(sizes)[:-1])
-        if self.prompt_gradient_only:
+        if k == 0:
             first, count = self.first_prompt, self.prompts
             return [g[:, first:first + count].sum(axis=0) for g in grads]
         return grads
@@ -85,6 +92,7 @@ class _Request:
     kind: str          # forward | backward
     message: Message
     tokens: np.ndarray | None = None
+    head_blocks: int = 0   # the device's cut: the body runs from there
 
 
 class BodyWorker:
@@ -101,7 +109,8 @@ class BodyWorker:
         self.num_tokens, self.embed_dim = num_tokens, embed_dim
         self.max_batch_requests, self.window_s, self.max_kept = max_batch_requests, window_s, max_kept
         self.queue: queue.Queue[_Request | None] = queue.Queue()
-        self.kept: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()   # (device, round, seq) -> tokens
+        # (device, round, seq) -> the forward's tokens and cut, until its backward
+        self.kept: OrderedDict[tuple[str, int, int], tuple[np.ndarray, int]] = OrderedDict()
         self.served = {"forward": 0, "backward": 0, "samples": 0, "batches": 0, "errors": 0}
         self._thread = threading.Thread(target=self._loop, name=f"body-{worker_id}", daemon=True)
         self._published, self._dirty = 0.0, False
@@ -133,7 +142,11 @@ class BodyWorker:
                 tokens.shape[1:] != (self.num_tokens, self.embed_dim)) or len(tokens) == 0:
             self._error(message, f"a forward needs float tokens [B, {self.num_tokens}, {self.embed_dim}]")
             return
-        self.queue.put(_Request("forward", message, tokens))
+        k = message.meta.get("head_blocks", self.compute.head_blocks)
+        if type(k) is not int or k not in self.compute.cuts:
+            self._error(message, f"a device's head blocks are 0 to {self.compute.head_blocks}, got {k!r}")
+            return
+        self.queue.put(_Request("forward", message, tokens, k))
 
     def _on_backward(self, topic: str, message: Message) -> None:
         if not self._claimed_by_topic(topic, message):
@@ -173,8 +186,8 @@ class BodyWorker:
                     stopping = True
                 else:
                     waiting.append(item)
-            kind = waiting[0].kind
-            group = [r for r in waiting if r.kind == kind][:self.max_batch_requests]
+            kind, k = waiting[0].kind, waiting[0].head_blocks        # requests from one cut batch together
+            group = [r for r in waiting if (r.kind, r.head_blocks) == (kind, k)][:self.max_batch_requests]
             chosen = {id(r) for r in group}
             waiting = [r for r in waiting if id(r) not in chosen]
             try:
@@ -194,11 +207,11 @@ class BodyWorker:
                     self.publish_status()
 
     def _forward(self, group: list[_Request]) -> None:
-        features = self.compute.forward([r.tokens for r in group])
+        features = self.compute.forward([r.tokens for r in group], group[0].head_blocks)
         for r, f in zip(group, features):
             m = r.message
             if not m.meta.get("evaluate"):        # evaluation batches have no backward
-                self.kept[(m.device, m.round, m.seq)] = r.tokens
+                self.kept[(m.device, m.round, m.seq)] = (r.tokens, r.head_blocks)
             wire = m.wires.get("tokens", "fp32")
             self.link.send(self.topics.down(m.device, "features"),
                            Message("features", m.device, m.round, m.seq, {"worker": self.worker_id},
@@ -208,27 +221,26 @@ class BodyWorker:
         self._count("forward", group)
 
     def _backward(self, group: list[_Request]) -> None:
-        ready, tokens = [], []
+        """The group's backwards, batched per cut (a backward learns its cut from the forward it follows)."""
+        by_cut: dict[int, list[tuple[_Request, np.ndarray]]] = {}
         for r in group:
             m = r.message
-            kept = self.kept.pop((m.device, m.round, m.seq), None)
-            expected = None if kept is None else (len(kept), *self._feature_shape())
-            if kept is None or m.tensors["dfeatures"].shape != expected:
-                self._error(m, "no forward is waiting for this backward" if kept is None else
+            tokens, k = self.kept.pop((m.device, m.round, m.seq), (None, None))
+            expected = None if tokens is None else (len(tokens), *self._feature_shape())
+            if tokens is None or m.tensors["dfeatures"].shape != expected:
+                self._error(m, "no forward is waiting for this backward" if tokens is None else
                             f"dfeatures must be {list(expected)}, got {list(m.tensors['dfeatures'].shape)}")
                 continue
-            ready.append(r)
-            tokens.append(kept)
-        if not ready:
-            return
-        grads = self.compute.backward(tokens, [r.message.tensors["dfeatures"] for r in ready])
-        for r, g, t in zip(ready, grads, tokens):
-            m = r.message
-            receipt = sign(self.receipts, m.device, m.round, m.seq, len(t))
-            self.link.send(self.topics.down(m.device, "gradient"),
-                           Message("gradient", m.device, m.round, m.seq, {"worker": self.worker_id,
-                                                                          "receipt": receipt}, {"gradient": g}))
-        self._count("backward", ready)
+            by_cut.setdefault(k, []).append((r, tokens))
+        for k, ready in by_cut.items():
+            grads = self.compute.backward([t for _, t in ready], [r.message.tensors["dfeatures"] for r, _ in ready], k)
+            for (r, t), g in zip(ready, grads):
+                m = r.message
+                receipt = sign(self.receipts, m.device, m.round, m.seq, len(t))
+                self.link.send(self.topics.down(m.device, "gradient"),
+                               Message("gradient", m.device, m.round, m.seq, {"worker": self.worker_id,
+                                                                              "receipt": receipt}, {"gradient": g}))
+            self._count("backward", [r for r, _ in ready])
 
     def _feature_shape(self) -> tuple[int, int]:
         return len(range(self.num_tokens)[self.compute.pooled(self.num_tokens)]), self.embed_dim

@@ -24,33 +24,35 @@ class BundleService:
                  split: SplitSpec, optimizer: OptimizerSpec, training_python: str | None = None) -> None:
         self.folder, self.model, self.preprocessing, self.model_id = Path(folder), model, preprocessing, model_id
         self.split, self.optimizer, self.training_python = split, optimizer, training_python
-        self._bundles: dict[str, tuple[Manifest, bytes]] = {}
+        self._bundles: dict[tuple[str, int], tuple[Manifest, bytes]] = {}
 
-    def get(self, backend: str) -> tuple[Manifest, bytes]:
-        """The checked bundle for a backend and its archive; exported on first use unless a fitting one is kept."""
-        if backend not in self._bundles:
-            folder = self.folder / backend
+    def get(self, backend: str, head_blocks: int | None = None) -> tuple[Manifest, bytes]:
+        """The checked bundle for a backend and a cut (default: the federation's) and its archive; exported on
+        first use unless a fitting one is kept."""
+        k = self.split.head_blocks if head_blocks is None else head_blocks
+        if (backend, k) not in self._bundles:
+            folder = self.folder / (backend if k == self.split.head_blocks else f"{backend}-k{k}")
             try:
                 manifest = read_bundle(folder) if folder.exists() else None
             except BundleError:
                 manifest = None
-            if manifest is not None and not self.fits(manifest):
+            if manifest is not None and not self.fits(manifest, k):
                 log.info("the %s bundle in %s was made for another configuration", backend, folder)
                 manifest = None
             if manifest is None:
-                log.info("exporting the %s bundle (checked against PyTorch)", backend)
+                log.info("exporting the %s bundle, %d head blocks (checked against PyTorch)", backend, k)
                 shutil.rmtree(folder, ignore_errors=True)
-                manifest, _ = export_bundle(self.model, self.preprocessing, folder, self.model_id, self.optimizer,
-                                            backend=backend, training_python=self.training_python)
-            self._bundles[backend] = (manifest, pack_bundle(folder))
-        return self._bundles[backend]
+                manifest, _ = export_bundle(self.model.recut(k), self.preprocessing, folder, self.model_id,
+                                            self.optimizer, backend=backend, training_python=self.training_python)
+            self._bundles[(backend, k)] = (manifest, pack_bundle(folder))
+        return self._bundles[(backend, k)]
 
-    def fits(self, manifest: Manifest) -> bool:
+    def fits(self, manifest: Manifest, head_blocks: int) -> bool:
         """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
         params = dict(self.model.named_parameters())
         return (manifest.model_id == self.model_id and manifest.optimizer == self.optimizer
                 and (manifest.prompts, manifest.head_blocks, manifest.tail_blocks) == (
-                    self.split.prompts, self.split.head_blocks, self.split.tail_blocks)
+                    self.split.prompts, head_blocks, self.split.tail_blocks)
                 and all(t.name in params and tuple(params[t.name].shape) == t.shape for t in manifest.trainables))
 
     def manifest(self) -> Manifest:

@@ -161,13 +161,12 @@ class Coordinator:
             self._refuse_enrollment(device, f"data classes {unknown} are not the federation's {list(self.cfg.classes)}"
                                     if unknown else "no training samples")
             return
-        if profile.max_head_blocks < self.cfg.split.head_blocks:
-            self._refuse_enrollment(device, f"profile {profile.name} runs at most {profile.max_head_blocks} head "
-                                    f"blocks; this federation's split needs {self.cfg.split.head_blocks}")
-            return
-        _, data = self.bundles.get(profile.backend)
+        # each device runs the head blocks its profile affords, at most the federation's (its split's): prompts
+        # and tail are the same tensors at every cut, and the body serves each request from the device's cut
+        head_blocks = min(profile.max_head_blocks, self.cfg.split.head_blocks)
+        _, data = self.bundles.get(profile.backend, head_blocks)
         entry = self.registry.enroll(device, profile.as_dict(), dict(meta.get("hardware", {})), num_samples,
-                                     profile.backend)
+                                     profile.backend, head_blocks)
         password = self.security.add_device(device)     # the device's own broker account, told to it once
         self.link.send(self.topics.down(device, "enrolled"), Message(
             "enrolled", device, meta={"classes": list(self.cfg.classes), "index": entry.index,
@@ -175,7 +174,8 @@ class Coordinator:
                                       "credentials": {"username": device, "password": password}},
             tensors={"bundle": np.frombuffer(data, np.uint8)}, wires={"bundle": "bytes"}))
         self.metrics.enrolled.set(len(self.clients.enrolled()))
-        log.info("enrolled %s (index %d, %s, %d samples)", device, entry.index, profile.name, num_samples)
+        log.info("enrolled %s (index %d, %s, %d head blocks, %d samples)", device, entry.index, profile.name,
+                 head_blocks, num_samples)
         self.publish_status()
 
     # ----------------------------------------------------------------------------------------- rounds

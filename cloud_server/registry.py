@@ -29,6 +29,7 @@ class Device:
     hardware: dict
     num_samples: int
     backend: str
+    head_blocks: int = 0            # where its bundle is cut (its profile's most, at most the federation's)
     enrolled_at: float = field(default_factory=time.time)
 
 
@@ -45,12 +46,13 @@ class Registry:
             except (ValueError, KeyError, TypeError) as err:
                 raise ConfigError(f"{path} is malformed: {err}") from None
 
-    def enroll(self, device: str, profile: dict, hardware: dict, num_samples: int, backend: str) -> Device:
+    def enroll(self, device: str, profile: dict, hardware: dict, num_samples: int, backend: str,
+               head_blocks: int = 0) -> Device:
         """Add a device, or update one enrolling again (it keeps its index)."""
         with self.lock:
             known = self.devices.get(device)
             index = known.index if known else len(self.devices)
-            self.devices[device] = Device(device, index, profile, hardware, num_samples, backend)
+            self.devices[device] = Device(device, index, profile, hardware, num_samples, backend, head_blocks)
             self._save()
             return self.devices[device]
 

@@ -60,7 +60,7 @@ class DeviceAgent:
                          keepalive=self.profile.keepalive, access=self.config.access(self.state),
                          will=(self.topics.device_presence(self.config.device), self.presence("offline", "lost")))
         self.remote = RemoteBody(self.link, self.topics, self.config.device, self.profile.wire, round_timeout_s,
-                                 self.stop)
+                                 self.stop, self.runtime.manifest.head_blocks)
 
     # ------------------------------------------------------------------------------------------ status
     def presence(self, state: str, cause: str | None = None) -> dict[str, Any]:

@@ -26,8 +26,10 @@ class RoundAborted(RuntimeError):
 
 class RemoteBody:
     def __init__(self, link: Link, topics: Topics, device: str, wire: str, timeout_s: float = 60.0,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, head_blocks: int = 0) -> None:
+        """`head_blocks`: where this device's bundle is cut; the body runs from there."""
         self.link, self.topics, self.device, self.wire, self.timeout_s = link, topics, device, wire, timeout_s
+        self.head_blocks = head_blocks
         self.stop = stop or threading.Event()      # set: the device is leaving; the round ends at the next reply
         self.replies: queue.Queue[Message] = queue.Queue()
         self.round, self.seq, self.worker = 0, 0, None
@@ -52,7 +54,8 @@ class RemoteBody:
     def forward(self, tokens: np.ndarray, evaluate: bool = False) -> np.ndarray:
         self.seq += 1
         self.link.send(self.topics.forward(self.device),
-                       Message("forward", self.device, self.round, self.seq, {"evaluate": evaluate},
+                       Message("forward", self.device, self.round, self.seq,
+                               {"evaluate": evaluate, "head_blocks": self.head_blocks},
                                {"tokens": tokens}, {"tokens": self.wire}))
         reply = self._wait("features")
         self.worker = reply.meta.get("worker")

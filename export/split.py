@@ -132,6 +132,7 @@ class SplitViT(nn.Module):
             raise ConfigError(f"{type(vit).__name__} is not a timm VisionTransformer; only ViTs can be split")
         spec.check(len(vit.blocks))
         self.spec = spec
+        self.__dict__["source"] = vit       # not a submodule (its parameters are the pieces'): for `recut`
         self.head = Head(vit, spec)
         self.body = Body(vit, spec)
         self.tail = Tail(vit, spec)
@@ -147,11 +148,13 @@ class SplitViT(nn.Module):
     def tail_local(self, head_tokens: torch.Tensor) -> torch.Tensor:
         return self.tail(head_tokens.mean(dim=1, keepdim=True), pool_type="token")
 
-    def recut(self, vit: VisionTransformer, head_blocks: int) -> SplitViT:
-        """The same model (`vit`, the one this was cut from) cut after another number of head blocks: every
-        parameter shared, the prompts too, so devices cut differently train the same tensors."""
+    def recut(self, head_blocks: int) -> SplitViT:
+        """The same model cut after another number of head blocks: every parameter shared, the prompts too, so
+        devices cut differently train the same tensors."""
+        if head_blocks == self.spec.head_blocks:
+            return self
         with torch.random.fork_rng():                 # the new Head's prompt initialisation draws nothing
-            view = SplitViT(vit, SplitSpec(self.spec.prompts, head_blocks, self.spec.tail_blocks))
+            view = SplitViT(self.source, SplitSpec(self.spec.prompts, head_blocks, self.spec.tail_blocks))
         view.head.prompts = self.head.prompts
         return view
 

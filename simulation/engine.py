@@ -119,8 +119,7 @@ class Federation:
         self.server_params = named_params(self.model, self.method.server_parts)
         self.client_cut = [cfg.client_head_blocks[c % len(cfg.client_head_blocks)] if cfg.client_head_blocks
                            else spec.head_blocks for c in range(cfg.clients)]
-        self.cuts = {k: self.model if k == spec.head_blocks else self.model.recut(vit, k)
-                     for k in sorted(set(self.client_cut))}
+        self.cuts = {k: self.model.recut(k) for k in sorted(set(self.client_cut))}
 
         prep = preprocessing_of(vit)
         self.preprocessing = prep

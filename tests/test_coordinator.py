@@ -48,17 +48,15 @@ def ask(link, topics, device, message, kind=None):
 
 def test_bad_enrollments_are_refused_with_reasons_and_a_good_one_then_succeeds(server, broker):
     topics, link = Topics("coord"), Link(broker, "attacker").connect()
-    small = {**load_profile("raspberry-pi-4").as_dict()}           # runs no head blocks; the split has one
     for device, message, reason in [
         ("d1", enroll_request(server, "d1", token="wrong"), "wrong enrollment token"),
-        ("d2", enroll_request(server, "d2", profile=small), "at most 0 head blocks"),
         ("d3", enroll_request(server, "d3", classes=("1", "cat")), "are not the federation's"),
         ("d4", enroll_request(server, "d4", profile={"name": "half"}), "malformed enrollment"),
         ("d5", enroll_request(server, "d5", samples=0), "no training samples"),
     ]:
         reply = ask(link, topics, device, message)
         assert reply.type == "refused" and reason in reply.meta["reason"], (device, reply.meta)
-    assert not {"d1", "d2", "d3", "d4", "d5"} & set(server.registry.devices)
+    assert not {"d1", "d3", "d4", "d5"} & set(server.registry.devices)
     reply = ask(link, topics, "good", enroll_request(server, "good"))
     assert reply.type == "enrolled" and len(reply.tensors["bundle"]) > 1000
     assert server.registry.get("good").index == reply.meta["index"]
@@ -67,6 +65,20 @@ def test_bad_enrollments_are_refused_with_reasons_and_a_good_one_then_succeeds(s
     credentials, accounts = reply.meta["credentials"], server.security.accounts()
     assert credentials["username"] == "good" and accounts["good"]["kind"] == "device"
     assert password_matches(credentials["password"], accounts["good"]["hash"])
+    link.close()
+
+
+def test_each_device_gets_the_cut_its_profile_affords(server, broker, tmp_path):
+    """The federation's split has one head block: a Raspberry Pi 4 (which runs none) is enrolled with a bundle cut
+    before the first block, an x86 box with the federation's."""
+    from sfp_common.bundle import install_bundle, read_bundle
+    topics, link = Topics("coord"), Link(broker, "cuts").connect()
+    for device, profile, k in (("pi", "raspberry-pi-4", 0), ("box", "x86", 1)):
+        reply = ask(link, topics, device, enroll_request(server, device, profile=load_profile(profile).as_dict()))
+        assert reply.type == "enrolled" and server.registry.get(device).head_blocks == k
+        install_bundle(reply.tensors["bundle"].tobytes(), tmp_path / device)
+        manifest = read_bundle(tmp_path / device)
+        assert manifest.head_blocks == k and manifest.trainable_names() == server.bundles.manifest().trainable_names()
     link.close()
 
 

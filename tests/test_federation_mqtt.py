@@ -57,19 +57,22 @@ def setup(tmp_path_factory):
             "final": state_of(fed.client_params), "shares": shares, "classes": fed.train_set}
 
 
-def reference_federation(checkpoint: str, recipe: Recipe) -> Federation:
+def reference_federation(checkpoint: str, recipe: Recipe, head_blocks: int = 0,
+                         cuts: tuple[int, ...] = ()) -> Federation:
     cfg = SimConfig(method="sfprompt", dataset="digits", model=checkpoint, clients=DEVICES, rounds=ROUNDS,
-                    alpha=0.5, seed=7, spec=SplitSpec(2, 0, 0), recipe=recipe, train_samples=300)
+                    alpha=0.5, seed=7, spec=SplitSpec(2, head_blocks, 0), recipe=recipe, train_samples=300,
+                    client_head_blocks=cuts)
     return Federation(cfg)
 
 
-def profile_file(folder: Path, backend: str, batch_size: int = TRAIN.batch_size, wire: str = TRAIN.wire) -> Path:
+def profile_file(folder: Path, backend: str, batch_size: int = TRAIN.batch_size, wire: str = TRAIN.wire,
+                 max_head_blocks: int = 0) -> Path:
     """The devices' profile: the reference's batch size and wire dtype, a small packet limit (chunking on)."""
-    path = folder / f"profile-{backend}-{batch_size}-{wire}.json"
+    path = folder / f"profile-{backend}-{batch_size}-{wire}-k{max_head_blocks}.json"
     path.write_text(json.dumps({
         "name": f"test-{backend}", "description": "test device", "match": {}, "backend": backend,
-        "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": batch_size, "max_head_blocks": 0,
-        "wire": wire, "max_packet": 16384, "keepalive": 5}))
+        "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": batch_size,
+        "max_head_blocks": max_head_blocks, "wire": wire, "max_packet": 16384, "keepalive": 5}))
     return path
 
 
@@ -94,7 +97,8 @@ class Run:
 
     def __init__(self, setup: dict, broker: str, name: str, workers: int = 1, rounds: int = ROUNDS,
                  batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES, tls: bool = False,
-                 own_broker: bool = False, wire: str = TRAIN.wire) -> None:
+                 own_broker: bool = False, wire: str = TRAIN.wire, head_blocks: int = 0,
+                 device_cuts: tuple[int, ...] = (0,) * DEVICES) -> None:
         self.setup, self.name = setup, name
         self.folder = setup["root"] / name
         self.folder.mkdir()
@@ -116,7 +120,7 @@ class Run:
             ca = ["--ca", str(security / "ca.crt")]
         self.broker = broker
         model = ["--model", setup["checkpoint"], "--classes", "10", "--prompts", "2", "--seed", "7",
-                 "--federation", name, "--broker", broker]
+                 "--head-blocks", str(head_blocks), "--federation", name, "--broker", broker]
         self.server_args = [*cli, "serve", *model, *reload, "--state", str(state),
                             "--rounds", str(rounds), "--optimizer", "adamw", "--lr", str(TRAIN.lr),
                             "--weight-decay", str(TRAIN.optimizer.weight_decay), "--epochs", "1",
@@ -137,7 +141,7 @@ class Run:
             enrolled = subprocess.run(
                 [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, *ca,
                  "--token", token.stdout.strip(),
-                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire)),
+                 "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire, device_cuts[c])),
                  "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
                  "--state", str(device_state), "--timeout", "120"],
                 env=ENV, capture_output=True, text=True, timeout=180)
@@ -237,6 +241,29 @@ def test_the_mqtt_federation_reproduces_the_reference(setup, broker, workers):
     assert len(presences) == DEVICES
     assert {(p["state"], p["cause"]) for p in presences.values()} == {("offline", "stopped")}  # a clean stop says so
     assert {s["activity"] for s in retained(broker, Topics(run.name).all_status()).values()} == {"stopped"}
+
+
+def test_devices_cut_where_their_profiles_afford_give_the_reference_numbers(setup, broker):
+    """One federation, three cuts (issue 15): the split allows two head blocks, and devices whose profiles run 0, 1
+    and 2 each get a bundle cut there; the body serves each request from its device's cut. The global tensors and
+    every round's bytes equal the reference federation run with the same per-client cuts."""
+    fed = reference_federation(setup["checkpoint"], TRAIN, head_blocks=2, cuts=(0, 1, 2))
+    reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
+    run = Run(setup, broker, "fed-cuts", head_blocks=2, device_cuts=(0, 1, 2))
+    try:
+        summaries = run.finish()
+        error = worst_error(global_state(run.folder), state_of(fed.client_params))
+        print(f"devices cut after 0, 1 and 2 head blocks: worst relative error of the global prompts and tail after "
+              f"{ROUNDS} rounds {error:.1e}")
+        assert error <= 1e-4, run.logs()
+        for summary, ref in zip(summaries, reference):
+            assert summary["kept_samples"] == ref["kept_samples"]
+            assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
+        assert reference[-1]["bytes_down"] > setup["reference"][-1]["bytes_down"]   # dL/dtokens for cuts 1 and 2
+        registry = json.loads((run.folder / "server" / "registry.json").read_text())["devices"]
+        assert [d["head_blocks"] for d in registry] == [0, 1, 2]
+    finally:
+        run.close()
 
 
 def test_int8_tokens_through_the_mqtt_federation_give_the_reference_numbers(setup, broker):

@@ -22,7 +22,7 @@ class Profile:
     providers: tuple[str, ...]    # ONNX Runtime execution providers, in order of preference
     threads: int
     batch_size: int               # the device's batch for pruning, local update and split training
-    max_head_blocks: int          # the deepest head this device can run; the federation's split must fit
+    max_head_blocks: int          # the deepest head this device can run: its bundle is cut there (at most the split's)
     wire: str                     # smashed tokens and features: fp32 | fp16 | bf16 | int8
     max_packet: int               # MQTT packet limit: larger messages are chunked
     keepalive: int
