@@ -131,6 +131,10 @@ def test_every_server_topic_refuses_bad_input_and_counts_it(server, broker):
         ("NaN in an update", topics.up("dev", "update"), Message("update", "dev", 1, 0, {"num_samples": 5}, {
             k: np.full_like(v, np.nan) for k, v in coordinator.global_state.items()})),
         ("a forged device id", topics.forward("dev"), Message("forward", "other", 1, 6, {}, {"tokens": tokens})),
+        ("a cut deeper than the federation's", topics.forward("dev"),
+         Message("forward", "dev", 1, 7, {"head_blocks": 3}, {"tokens": tokens})),
+        ("a cut that is not a number", topics.forward("dev"),
+         Message("forward", "dev", 1, 8, {"head_blocks": "2"}, {"tokens": tokens})),
     ]
     packets += [(label, topic, bytes(pack(m))) for label, topic, m in semantic]
     # Chunks: malformed headers, an index out of range, a total beyond any message, disagreeing chunks.
