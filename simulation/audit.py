@@ -23,12 +23,11 @@ import torch
 from export.backbone import create_vit, preprocessing_of, resolve_model
 from export.split import SplitViT
 from sfp_common.datasets import load_dataset
-from sfp_common.defence import token_noise
 from sfp_common.errors import ConfigError
 from sfp_common.preprocess import Preprocessing, preprocess
 from sfp_common.split_spec import SplitSpec
-from simulation.inversion import (analytic_inverse, on_the_wire, optimised_inverse, patch_slice,
-                                  train_learned_inverse)
+from simulation.inversion import analytic_inverse, on_the_wire, optimised_inverse, train_learned_inverse
+from simulation.methods import defended
 from wire_protocol.codec import FLOAT_WIRES, encoded_bytes
 
 ATTACKS = ("analytic", "optimised", "learned")
@@ -78,13 +77,6 @@ def image_scores(original: np.ndarray, rebuilt: np.ndarray) -> tuple[np.ndarray,
     return np.minimum(psnr, 100.0), ssim          # an exact copy has infinite PSNR: shown as 100 dB
 
 
-def add_noise(tokens: torch.Tensor, model: SplitViT, scale: float, rng: np.random.Generator) -> torch.Tensor:
-    """The noise defence as a device applies it (sfp_common/defence.py, the recipe's `token_noise`)."""
-    if scale == 0:
-        return tokens
-    return tokens + torch.from_numpy(token_noise(tokens.numpy(), patch_slice(model).start, scale, rng))
-
-
 def setting_name(k: int, wire: str, noise: float) -> str:
     return f"k{k}-{wire}-noise{noise:g}"
 
@@ -128,7 +120,7 @@ class Audit:
         """One setting's row and each attack's reconstructed pixels."""
         cfg, model = self.cfg, self.model(k)
         rng = np.random.default_rng(cfg.seed)
-        defend = lambda tokens: add_noise(tokens, model, noise, rng)                # noqa: E731
+        defend = lambda tokens: defended(model, noise, tokens, rng)                 # noqa: E731
         with torch.no_grad():
             tokens = on_the_wire(defend(model.head(self.images)), wire)
         rebuilt: dict[str, torch.Tensor] = {}

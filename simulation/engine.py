@@ -157,7 +157,8 @@ class Federation:
         forward = None
         if self.method.split and self.cfg.recipe.token_noise:
             model, noise = self.model, np.random.default_rng([self.cfg.seed, round_index])
-            forward = lambda x: model.tail(model.body(defended(model, self.cfg.recipe, model.head(x), noise)))  # noqa
+            scale = self.cfg.recipe.token_noise
+            forward = lambda x: model.tail(model.body(defended(model, scale, model.head(x), noise)))  # noqa: E731
         central = accuracy(self.model, self.x_test, self.y_test, forward=forward)
         local = [accuracy(self.model, c.x_test, c.y_test, forward=forward) for c in self.clients if len(c.y_test)]
         return central, float(np.mean(local)) if local else float("nan")

@@ -115,14 +115,14 @@ class SplitBatch:
     features: torch.Tensor      # the body features as the client received them
 
 
-def defended(model: SplitViT, recipe: Recipe, smashed: torch.Tensor, noise: np.random.Generator | None
+def defended(model: SplitViT, scale: float, smashed: torch.Tensor, noise: np.random.Generator | None
              ) -> torch.Tensor:
-    """The smashed tokens as the device sends them: with the recipe's noise on the patch tokens (a constant shift:
-    gradients pass through unchanged)."""
-    if noise is None or smashed.is_meta:
+    """The smashed tokens as the device sends them: with noise of std `scale` x their RMS on the patch tokens (the
+    recipe's `token_noise`; a constant shift: gradients pass through unchanged)."""
+    if noise is None or scale == 0 or smashed.is_meta:
         return smashed
     first = model.head.num_prefix_tokens + model.spec.prompts
-    return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), first, recipe.token_noise, noise))
+    return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), first, scale, noise))
 
 
 def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
@@ -137,7 +137,7 @@ def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor,
     with meter.client_compute():
         client_opt.zero_grad()
         smashed = model.head(x) if embedded is None else model.head.blocks(model.head.attach_prompts(embedded))
-        sent = defended(model, recipe, smashed, noise)
+        sent = defended(model, recipe.token_noise, smashed, noise)
     tokens = meter.up(sent, act_wire).requires_grad_(True)                        # server
     body_out = model.body(tokens)
     needed = body_out[:, model.tail.pooled_positions(body_out.shape[1])] if ours else body_out

@@ -10,9 +10,10 @@ from sfp_common.datasets import load_dataset
 from sfp_common.errors import ConfigError
 from sfp_common.preprocess import preprocess
 from sfp_common.split_spec import SplitSpec
-from simulation.audit import AuditConfig, add_noise, image_scores, run_audit, to_pixels
+from simulation.audit import AuditConfig, image_scores, run_audit, to_pixels
 from simulation.cli import audit_main
 from simulation.inversion import analytic_inverse, on_the_wire, optimised_inverse
+from simulation.methods import defended
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_with_no_head_blocks_the_server_rebuilds_the_pixels_from_the_tokens(digi
     exact = {wire: psnr(prep, images, analytic_inverse(model, on_the_wire(tokens, wire)))
              for wire in ("fp32", "fp16", "int8")}
     assert exact["fp32"] >= 90 and exact["fp16"] >= 50 and exact["int8"] >= 30, exact     # 100: an exact copy
-    noisy = add_noise(tokens, model, 1.0, np.random.default_rng(0))
+    noisy = defended(model, 1.0, tokens, np.random.default_rng(0))
     assert torch.equal(noisy[:, :4], tokens[:, :4])                  # the cls token and the prompts are left alone
     assert psnr(prep, images, analytic_inverse(model, noisy)) < exact["int8"] - 10
     with pytest.raises(ConfigError, match="no head blocks"):
