@@ -340,6 +340,7 @@ def secure(folder: Path, federation: str, hostnames: tuple[str, ...], port: int 
     `broker_group` when the broker runs as another user); returns the service account's password (also kept in
     server.password)."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / SETTINGS).unlink(missing_ok=True)         # the file route from now on, if the plugin's was taken
     marker = folder / "broker.group"
     if broker_group:
         write_atomic(marker, broker_group + "\n", 0o644)
