@@ -128,9 +128,9 @@ class Security:
             yield accounts
             changed = json.dumps(accounts, sort_keys=True) != before
             if changed:
-                self._write(accounts)
-                if self.plugin is not None:
+                if self.plugin is not None:          # the broker first: if it cannot be told, nothing changes
                     self._tell_plugin(earlier, accounts)
+                self._write(accounts)
         if changed and self.plugin is None and self.reload_hook is not None:
             self.reload_hook()
 

@@ -275,3 +275,21 @@ def test_a_federation_on_the_plugin_route_enrolls_and_trains_with_nothing_writte
         assert not {"passwd", "acl"} & {p.name for p in security.iterdir()}
         clients = DynamicSecurity.from_folder(security).run([{"command": "listClients"}])[0]["data"]["clients"]
         assert {SERVICE, "dev-p"} <= set(clients)
+
+
+def test_with_the_plugin_unreachable_an_account_change_says_so_and_changes_nothing(tmp_path):
+    """`sfp-cloud token` on the plugin route with the broker down: one line, exit 2, and no token kept that the
+    broker never heard of."""
+    import json
+    import sys
+    folder = tmp_path / "security"
+    folder.mkdir()
+    (folder / "server.password").write_text("pw\n")
+    (folder / "dynsec.json").write_text(json.dumps({"broker": f"mqtt://127.0.0.1:{free_port()}",
+                                                    "username": SERVICE, "ca": None}))
+    done = subprocess.run([sys.executable, "-m", "cloud_server.cli", "token", "--state", str(tmp_path), "--federation",
+                           FED, "--device", "dev-x"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SFP_LOG": "WARNING"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: nothing accepts connections") and len(done.stderr.splitlines()) == 1
+    assert not (folder / "accounts.json").exists()
