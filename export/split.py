@@ -68,6 +68,11 @@ class Head(nn.Module):
             nn.init.uniform_(self.prompts, -bound, bound)
         self.blocks = nn.Sequential(*vit.blocks[: spec.head_blocks])
 
+    @property
+    def first_patch(self) -> int:
+        """Where the patch tokens start among the smashed tokens: after cls/registers and the prompts."""
+        return self.num_prefix_tokens + len(self.prompts)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen patch + position embedding; a device may compute it once per image and reuse it."""
         return self.embedding(images)

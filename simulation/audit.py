@@ -96,15 +96,15 @@ class Audit:
         public = load_dataset(cfg.public).train
         self.public = torch.from_numpy(preprocess(public.images[:cfg.public_images], self.prep))
         self.pixels = to_pixels(self.images, self.prep)
-        mean, std = self.prep.mean[0], self.prep.std[0]
-        self.bounds = ((0 - mean) / std, (1 - mean) / std) if len(self.prep.mean) == 1 else (
-            min((0 - m) / s for m, s in zip(self.prep.mean, self.prep.std)),
-            max((1 - m) / s for m, s in zip(self.prep.mean, self.prep.std)))
+        channels = list(zip(self.prep.mean, self.prep.std))        # the input range pixels in [0, 1] map to
+        self.bounds = (min(-m / s for m, s in channels), max((1 - m) / s for m, s in channels))
+        # one cut model for every setting (the same prompts at every k, whatever order settings run or resume in)
+        self.base = SplitViT(self.vit, SplitSpec(cfg.prompts, 0, 0)).eval()
 
     def model(self, k: int) -> SplitViT:
         if k > len(self.vit.blocks) - 1:
             raise ConfigError(f"{k} head blocks leave no body of the {len(self.vit.blocks)}-block model")
-        model = SplitViT(self.vit, SplitSpec(self.cfg.prompts, k, 0)).eval()
+        model = self.base.recut(k).eval()
         if self.cfg.checkpoint:
             state = dict(np.load(self.cfg.checkpoint))
             if "head.prompts" not in state or state["head.prompts"].shape != tuple(model.head.prompts.shape):

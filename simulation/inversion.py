@@ -22,18 +22,12 @@ from torch import nn
 
 from export.split import SplitViT
 from sfp_common.errors import ConfigError
-from wire_protocol.codec import decode, encode
+from simulation.accounting import decode, encode
 
 
 def on_the_wire(tokens: torch.Tensor, wire: str) -> torch.Tensor:
-    """The tokens as the server decodes them from the device's wire precision."""
-    array = tokens.detach().numpy()
-    return torch.from_numpy(decode(encode(array, wire), wire, array.shape))
-
-
-def patch_slice(model: SplitViT) -> slice:
-    """Where the patch tokens sit among the smashed tokens: after cls/registers and the prompts."""
-    return slice(model.head.num_prefix_tokens + model.spec.prompts, None)
+    """The tokens as the server decodes them from the device's wire precision (the reference meter's codec)."""
+    return decode(encode(tokens.detach(), wire), wire)
 
 
 def analytic_inverse(model: SplitViT, tokens: torch.Tensor) -> torch.Tensor:
@@ -47,7 +41,7 @@ def analytic_inverse(model: SplitViT, tokens: torch.Tensor) -> torch.Tensor:
     proj = embedding.patch_embed.proj                             # Conv2d(C, D, p, stride p)
     c, (ph, pw) = proj.in_channels, proj.kernel_size
     weight = proj.weight.detach().reshape(proj.out_channels, -1)  # [D, C*p*p]
-    patches = tokens[:, patch_slice(model)].detach()              # [B, N, D]
+    patches = tokens[:, slice(model.head.first_patch, None)].detach()              # [B, N, D]
     pos = embedding.pos_embed.detach()
     if not embedding.no_embed_class:                              # the pos embedding also covers the prefix tokens
         pos = pos[:, embedding.num_prefix_tokens:]
@@ -99,7 +93,7 @@ class LearnedInverse(nn.Module):
         embed = model.head.embedding.patch_embed
         self.c, (self.ph, self.pw) = embed.proj.in_channels, embed.proj.kernel_size
         self.grid = embed.grid_size
-        self.patches = patch_slice(model)
+        self.patches = slice(model.head.first_patch, None)
         dim = model.head.prompts.shape[1]
         self.decode = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
                                     nn.Linear(hidden, self.c * self.ph * self.pw))

@@ -121,8 +121,7 @@ def defended(model: SplitViT, scale: float, smashed: torch.Tensor, noise: np.ran
     recipe's `token_noise`; a constant shift: gradients pass through unchanged)."""
     if noise is None or scale == 0 or smashed.is_meta:
         return smashed
-    first = model.head.num_prefix_tokens + model.spec.prompts
-    return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), first, scale, noise))
+    return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), model.head.first_patch, scale, noise))
 
 
 def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
