@@ -95,7 +95,9 @@ ITEMS = (
 def run_item(item: Item, root: Path, quick: bool) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     for args in item.quick if quick else item.full:
-        cmd = [sys.executable, item.script, *args, "--out", str(root / item.name)]
+        out = root.resolve() / item.name      # relative inside the checkout: the results record their command
+        out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+        cmd = [sys.executable, item.script, *args, "--out", str(out)]
         print(f"\n=== {item.title}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)

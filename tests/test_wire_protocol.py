@@ -64,9 +64,11 @@ def test_a_message_round_trips_and_counts_its_payload():
     assert back.wires == {"tokens": "int8", "prompts": "fp32", "blob": "bytes"}
 
 
-def test_the_checksum_is_zlibs_crc32_of_the_payload():
-    """The envelope may use a faster CRC-32 implementation; the value must still be zlib's, or old peers refuse."""
-    x = np.random.default_rng(2).standard_normal((300, 70)).astype(np.float32)
+@pytest.mark.parametrize("rows", [1, 14, 15, 300, 1200])     # around the slice size and past CRC_WHOLE
+def test_the_checksum_is_zlibs_crc32_of_the_payload(rows):
+    """The envelope may use a faster CRC-32 implementation, in slices; the value must still be zlib's over the
+    whole payload, or old peers refuse."""
+    x = np.random.default_rng(2).standard_normal((rows, 70)).astype(np.float32)
     header, payload = good_parts(Message("update", "d", tensors={"x": x, "y": x[:3]}, wires={"y": "int8"}))
     assert header["crc32"] == zlib.crc32(payload) and len(payload) == header["payload"]
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, Message], None]
 JsonHandler = Callable[[str, Any], None]
 INLINE_BYTES = 256 << 10      # received payloads below this are handled on the network thread when nothing waits
+MAX_ROUTES = 4096             # topics whose handlers are remembered (a fleet's devices each have their own)
 
 
 class LinkError(ServiceError):
@@ -118,6 +119,7 @@ class Link:
         self._subacks: dict[int, threading.Event] = {}     # mid -> set by its SUBACK
         self._tagging: dict[int, int] = {}                 # mid -> the subscription it tags, from its SUBACK on
         self._tagged: set[int] = set()                     # subscriptions with an identifier (overlapping ones)
+        self._routes: dict[str, list] = {}                 # topic -> its untagged handlers; reset when they change
         self._suback_lock = threading.Lock()               # apart from _lock, which every delivery takes
         self.client.on_message = self._on_message
         self._inbox: queue.Queue = queue.Queue(maxsize=32)   # full: the network thread waits (backpressure)
@@ -162,6 +164,7 @@ class Link:
         with self._lock:
             topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
             self._tagged = {i for i, t in topics if any(_overlap(t, u) for j, u in topics if j != i)}
+            self._routes.clear()
             tagged = set(self._tagged)
         for sub_id, topic in topics:          # again after a reconnect: the session is clean
             client.subscribe(topic, options=SubscribeOptions(qos=1),
@@ -268,6 +271,7 @@ class Link:
             overlapping = [i for i, (t, _) in enumerate(self._handlers[:-1], 1) if _overlap(t, topic)]
             if overlapping:
                 self._tagged.add(sub_id)
+            self._routes.clear()
         if not self._connected.is_set():
             return              # subscribed by _on_connect
         for i in overlapping:
@@ -302,6 +306,7 @@ class Link:
         if sub_id is not None:
             with self._lock:
                 self._tagged.add(sub_id)
+                self._routes.clear()
         if event is not None:
             event.set()
 
@@ -309,20 +314,26 @@ class Link:
         # A delivery for overlapping filters carries their subscription identifiers (see _add); any other
         # matches exactly one untagged filter.
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        topic = msg.topic
         with self._lock:
             self.traffic.received += len(msg.payload)
             if ids:
                 handlers = [raw for i, (_, raw) in enumerate(self._handlers, 1) if i in ids]
-            else:
-                handlers = [raw for i, (topic, raw) in enumerate(self._handlers, 1)
-                            if i not in self._tagged and mqtt.topic_matches_sub(_plain(topic), msg.topic)]
+            else:       # matching a topic against every filter costs more than checking a 16 KB message
+                handlers = self._routes.get(topic)
+                if handlers is None:
+                    if len(self._routes) >= MAX_ROUTES:
+                        self._routes.clear()
+                    handlers = self._routes[topic] = [
+                        raw for i, (sub, raw) in enumerate(self._handlers, 1)
+                        if i not in self._tagged and mqtt.topic_matches_sub(_plain(sub), topic)]
             inline = not self._pending and len(msg.payload) < INLINE_BYTES
             if not inline:
                 self._pending += 1      # only this thread adds; nothing overtakes what is pending
         if inline:
-            self._handle(msg.topic, msg.payload, handlers)
+            self._handle(topic, msg.payload, handlers)
         else:
-            self._inbox.put((msg.topic, msg.payload, handlers))
+            self._inbox.put((topic, msg.payload, handlers))
 
     def _dispatch(self) -> None:
         """Large messages (and what arrives behind them) are checked and handled here, in arrival order, so the
