@@ -16,7 +16,7 @@ ORT_TRAINING_VENV ?= .venv-ort-training
 AARCH64_ENV ?= build/aarch64
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages emulator-packages backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
+.PHONY: setup system-packages emulator-packages browser-packages dashboard-assets backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
@@ -31,6 +31,20 @@ emulator-packages:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user-static debootstrap; \
 	fi
+
+# Debian's Chromium: the fleet page is tested in a real (headless) browser.
+browser-packages:
+	@if ! command -v chromium >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	fi
+
+# The fleet page's browser libraries (MQTT.js, Chart.js), from npm at the versions its lock file pins.
+DASHBOARD_ASSETS := cloud_server/fleet_page/node_modules/.installed
+$(DASHBOARD_ASSETS): cloud_server/fleet_page/package.json cloud_server/fleet_page/package-lock.json
+	cd cloud_server/fleet_page && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+dashboard-assets: $(DASHBOARD_ASSETS)
 
 $(AARCH64_ENV)/python: tests/aarch64/make_env.sh setup.cfg | emulator-packages setup
 	PIP=$(BIN)/pip tests/aarch64/make_env.sh $(AARCH64_ENV)
@@ -52,7 +66,7 @@ backbone: $(BACKBONE)
 
 # The product, on this machine: a Mosquitto broker, `sfp-cloud serve`, 4 devices (`sfp-edge`) each with its own
 # non-IID share of MNIST 5k, 5 rounds; progress on screen, a table and a plot in runs/federation-demo/.
-demo: backbone
+demo: backbone $(DASHBOARD_ASSETS)
 	$(BIN)/sfp-cloud demo --devices 4 --rounds 5 --out runs/federation-demo
 
 # The reference federation in one process: SFPrompt against federated full fine-tuning on MNIST 5k.
@@ -122,7 +136,7 @@ ort-training-env: $(ORT_TRAINING_VENV)/installed
 
 # Bundles of both backends are exported and the PyTorch reference steps recorded in the main environment; the
 # device tests then run in each backend's torch-free environment (portable ones in the main one too).
-test: setup $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed $(AARCH64_ENV)/python
+test: setup browser-packages $(DASHBOARD_ASSETS) $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed $(AARCH64_ENV)/python
 	rm -rf $(EDGE_FIXTURES)
 	OMP_NUM_THREADS=1 SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python \
 		$(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)

@@ -50,13 +50,13 @@ FAULTS = ("kill device", "freeze device", "kill server", "restart broker", "garb
 REFUSED = re.compile(r"refused a message on \S+ \(([^)]+)\)")
 
 
-def profile_file(folder: Path, train: Recipe) -> Path:
+def profile_file(folder: Path, train: Recipe, name: str = "chaos-x86", keepalive: int = 5) -> Path:
     """The devices' profile: the reference's batch size and token dtype, a short keepalive."""
     path = folder / "profile.json"
     path.write_text(json.dumps({
-        "name": "chaos-x86", "description": "x86 device for the chaos run", "match": {}, "backend": "portable",
-        "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": train.batch_size, "max_head_blocks": 0,
-        "wire": train.wire, "max_packet": 1 << 20, "keepalive": 5}))
+        "name": name, "description": f"x86 device for bench/{name.split('-')[0]}", "match": {},
+        "backend": "portable", "providers": ["CPUExecutionProvider"], "threads": 1, "batch_size": train.batch_size,
+        "max_head_blocks": 0, "wire": train.wire, "max_packet": 1 << 20, "keepalive": keepalive}))
     return path
 
 

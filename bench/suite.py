@@ -86,6 +86,9 @@ ITEMS = (
                                "10", "--jobs", "2", "--resume"),),
          (("--methods", "sfprompt,sfprompt-noise1", "--partitions", "0.5", "--rounds", "1", "--train-samples",
            "1000", "--resume"),)),
+    Item("fleet-scale", "8. The fleet at scale: one coordinator, one body worker, one Mosquitto",
+         "bench/fleet_scale.py", (("--devices", "10,100,300,1000", "--rounds", "3", "--churn", "0.1", "--resume"),),
+         (("--devices", "4,8", "--rounds", "2", "--churn", "0.25", "--hosts", "2"),)),
     Item("chaos", "Chaos: faults injected at random, against the fault-free run", "bench/chaos.py",
          (("--rounds", "20", "--devices", "4"),),
          (("--rounds", "3", "--devices", "3", "--samples", "300", "--interval", "6"),)),
@@ -254,6 +257,15 @@ def targets(root: Path) -> list[tuple[str, str, bool | None]]:
                     (f"fails only at {', '.join(failing)} of {len(rows)} settings; its accuracy cost not measured yet"
                      if failing else f"fails at none of {len(rows)} settings; lowest {best['psnr']:.1f} dB, SSIM "
                      f"{best['ssim']:.2f} ({worst['setting']}, {worst['best']})"), None if failing else False))
+    fleet = root / "fleet-scale" / "results.json"
+    if fleet.exists():
+        results = json.loads(fleet.read_text())["results"]
+        lost = sum(len(r["lost"]) for x in results for r in x["rounds"])
+        refused = sum(x["refused"] for x in results)
+        sizes = ", ".join(f"{x['devices']}{' with churn' if x['churn'] else ''}" for x in results)
+        out.append(("no update lost, none refused, each counted once, at every fleet size (issue 16)",
+                    f"{lost} lost, {refused} refused at {sizes} devices",
+                    lost == 0 and refused == 0 and all(x["each_once"] for x in results)))
     return out
 
 
@@ -280,7 +292,7 @@ def write_results(root: Path, page: Path, command: str) -> str:
             continue
         lines += ["", f"## {item.title}", "", f"Folder: `{os.path.relpath(folder, page.parent)}/`.", "",
                   _relink(_demote(body), folder, page).strip()]
-        for png in ("goodput.png", "timeline.png"):
+        for png in ("goodput.png", "timeline.png", "fleet_scale.png"):
             if (folder / png).exists():
                 lines += ["", f"![{png}]({os.path.relpath(folder / png, page.parent)})"]
     text = "\n".join(lines) + "\n"

@@ -16,7 +16,8 @@ import click
 
 from cloud_server.config import FederationConfig
 from export.cli import split_options
-from sfp_common.cli import configure_logging, default_of, recipe_from_options, recipe_options, run_cli
+from sfp_common.cli import (configure_logging, default_of, log_format_option, recipe_from_options, recipe_options,
+                            run_cli)
 from sfp_common.errors import ConfigError
 
 log = logging.getLogger("sfp-cloud")
@@ -141,9 +142,10 @@ def config_file_option(f):
 
 
 @click.group()
-def main() -> None:
+@log_format_option
+def main(log_format: str) -> None:
     """The cloud side of a split federated prompt tuning federation."""
-    configure_logging()
+    configure_logging(log_format)
 
 
 @main.command(context_settings={"show_default": True})
@@ -178,6 +180,7 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
     from cloud_server.body import start_worker
     from cloud_server.bundles import federation_bundles
     from cloud_server.coordinator import Coordinator
+    from cloud_server.fleet import format_round
     from cloud_server.metrics import Metrics
 
     def job() -> None:
@@ -187,7 +190,8 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
             metrics.serve(metrics_port)
         access = broker_access(broker, ca, username, password_file, state_dir)
         coordinator = Coordinator(cfg, broker, federation_bundles(cfg), metrics,
-                                  on_round=lambda s: log.info("round %s: %s", s["round"], json.dumps(s)),
+                                  on_round=lambda s: log.info("%s", format_round(s, cfg.rounds),
+                                                              extra={"fields": {"summary": s}}),
                                   max_packet=max_packet, access=access, reload_broker=reload_command(broker_reload))
         for sig in (signal.SIGINT, signal.SIGTERM):      # `kill`, `systemctl stop`, Ctrl-C: a clean stop
             signal.signal(sig, lambda *_: coordinator.stop.set())
@@ -284,6 +288,50 @@ def fleet(broker, federation, wait, ca, username, password_file, state_dir) -> N
             raise ConfigError(f"no server status for federation {topics.federation!r} on this broker: is "
                               f"`sfp-cloud serve --federation {topics.federation}` running?")
         click.echo(format_fleet(topics, seen))
+    run_cli(job)
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--broker", required=True, help="mqtt://host[:port] (mqtts:// for TLS).")
+@click.option("--federation", default="demo")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The server's state folder (secured brokers): its CA, and the page's read-only account is made "
+                   "in its security/.")
+@click.option("--ca", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The CA of the broker's certificate [default: the state folder's].")
+@click.option("--broker-reload", default=None, help="A command that makes the broker re-read its accounts.")
+@click.option("--bind", default="127.0.0.1", help="The page's address (its account's password is in its config).")
+@click.option("--port", default=8080, help="The page's port (0: any free one).")
+def dashboard(broker, federation, state_dir, ca, broker_reload, bind, port) -> None:
+    """Serve the fleet page: every device, the server and its workers, accuracy and bytes per round, live from the
+    broker (MQTT over WebSockets, as a read-only account)."""
+    import asyncio
+
+    from cloud_server.dashboard import FleetPage, PageConfig
+    from cloud_server.security import DASHBOARD, SERVICE, Security
+    from wire_protocol.link import parse_broker
+
+    def job() -> None:
+        try:
+            tls = parse_broker(broker)[2]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        username = password = None
+        if tls:
+            security = state_dir / "security" if state_dir else None
+            if security is None or not (security / "accounts.json").exists():
+                raise ConfigError("a secured broker: give --state, the server's state folder (the one `sfp-cloud "
+                                  "secure` wrote), where the page's read-only account is made")
+            username = DASHBOARD
+            password = Security(security, federation, reload_command(broker_reload)).add_dashboard()
+        page = FleetPage(PageConfig(broker, federation, username, password),
+                         broker_access(broker, ca, SERVICE, None, state_dir).ca_file)
+        try:
+            asyncio.run(page.serve(bind, port, ready=lambda actual: click.echo(
+                f"fleet page: http://{bind}:{actual}/ (federation {federation} at {broker}); Ctrl-C to stop",
+                nl=True)))
+        except OSError as err:
+            raise ConfigError(f"cannot serve the fleet page on {bind}:{port}: {err.strerror or err}") from None
     run_cli(job)
 
 

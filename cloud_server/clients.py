@@ -19,6 +19,10 @@ class ClientManager:
         with self._lock:
             (self._present.add if online else self._present.discard)(device)
 
+    def is_online(self, device: str) -> bool:
+        with self._lock:
+            return device in self._present
+
     def online(self) -> list[str]:
         """The enrolled devices that are online, sorted."""
         with self._lock:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from cloud_server.broker import LocalBroker, free_port
-from cloud_server.fleet import format_fleet, read_retained
+from cloud_server.fleet import format_fleet, format_round, read_retained
 from cloud_server.security import SERVICE, Security, secure
 from sfp_common.datasets import load_dataset, write_device_folder
 from sfp_common.errors import ConfigError
@@ -142,6 +142,19 @@ class LocalFederation:
                                             str(self.out / "server"), "--broker-reload",
                                             f"kill -HUP {self.broker.process.pid}", *self.serve_args])
 
+    def start_dashboard(self, port: int = 0) -> str:
+        """`sfp-cloud dashboard` for this federation; returns the fleet page's address."""
+        args = ["cloud_server.cli", "dashboard", "--broker", self.url, "--federation", FEDERATION, "--port", str(port)]
+        if self.tls:
+            args += ["--state", str(self.out / "server"), "--broker-reload", f"kill -HUP {self.broker.process.pid}"]
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=open(self.out / "dashboard.log", "a"), text=True)
+        self.procs.append(proc)
+        line = proc.stdout.readline()           # "fleet page: http://...", or nothing when it failed
+        if not line.startswith("fleet page: "):
+            raise ConfigError(f"the fleet page did not start; see {self.out / 'dashboard.log'}")
+        return line.split()[2]
+
     def enroll(self, i: int) -> str:
         token = Security(self.folder, FEDERATION, reload=self.broker.reload).issue_token(f"device-{i}", 3600)
         enrolled = subprocess.run(
@@ -163,7 +176,7 @@ class LocalFederation:
     def watch(self) -> None:
         """Round summaries, as the server retains them, into `summaries`."""
         self.watcher = Link(self.url, f"{FEDERATION}-watcher", access=self.access).connect()
-        self.watcher.subscribe_json(f"{self.topics.base}/rounds/+", lambda topic, value: self.summaries.put(value))
+        self.watcher.subscribe_json(self.topics.round_summary_filter(), lambda topic, value: self.summaries.put(value))
 
     def fleet(self) -> str:
         return format_fleet(self.topics, read_retained(self.watcher, self.topics, 1.0))
@@ -202,6 +215,10 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
     try:
         fed.watch()
         fed.start_server()
+        try:
+            say(f"fleet page: {fed.start_dashboard()} (open it in a browser: the fleet, live from the broker)")
+        except ConfigError as err:          # the federation runs without it
+            say(f"fleet page: not started: {err}")
         say("server: exporting the device bundle (checked against PyTorch), starting the body worker")
         for i in range(devices):
             say(f"device-{i}: {fed.enroll(i)}")
@@ -215,10 +232,7 @@ def run_demo(out: Path, model: str, devices: int, rounds: int, alpha: float | No
                     raise ConfigError(f"the server stopped early; see {out / 'server.log'}") from None
                 continue
             rows.append(row)
-            acc = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "-"
-            say(f"round {row['round']}/{rounds}: {len(row['participants'])} devices, accuracy {acc}, "
-                f"{row.get('payload_up', 0) / 1e3:.1f} KB up + {row.get('payload_down', 0) / 1e3:.1f} KB down "
-                f"per device, {row['seconds']:.1f} s")
+            say(format_round(row, rounds))
         fed.server.wait(60)
         fleet = fed.fleet()
     finally:

@@ -31,6 +31,16 @@ def read_retained(link: Link, topics: Topics, wait: float) -> dict[str, Any]:
     return seen
 
 
+def format_round(summary: dict[str, Any], rounds: int) -> str:
+    """A round in one line, as `serve` logs it and the demo prints it."""
+    acc = summary.get("accuracy")
+    evaluated = f" on {summary['evaluated_on']} test images" if acc is not None and summary.get("evaluated_on") else ""
+    return (f"round {summary['round']}/{rounds}: {len(summary['participants'])}/{len(summary['selected'])} updates, "
+            f"accuracy {'-' if acc is None else f'{acc:.4f}'}{evaluated}, "
+            f"{summary.get('payload_up', 0) / 1e3:.1f} KB up + {summary.get('payload_down', 0) / 1e3:.1f} KB down "
+            f"per device, {summary['seconds']:.1f} s")
+
+
 def format_fleet(topics: Topics, seen: dict[str, Any]) -> str:
     server = seen.get(topics.server_status(), {})
     lines = [f"federation {topics.federation}: server {server.get('state', 'unknown')}, round "

@@ -7,6 +7,7 @@ with a reason and a kind (`Refused`); the coordinator logs, counts and drops it,
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from sfp_common.bundle import BundleError, Manifest, check_trainables
@@ -18,6 +19,8 @@ from wire_protocol.receipts import served_samples
 from wire_protocol.topics import Topics
 
 DEVICE_TYPES = ("enroll", "update", "report")
+# What an update reports beside its tensors, averaged into the round's summary: numbers >= 0 when present.
+UPDATE_STATISTICS = ("loss", "kept", "payload_up", "payload_down", "seconds")
 
 
 class Refused(Exception):
@@ -78,6 +81,10 @@ class Ingress:
         claimed, enrolled = int(message.meta["num_samples"]), self.registry.get(device).num_samples
         if not 1 <= claimed <= enrolled:
             raise ValueError(f"{device} claims {claimed} training samples; it enrolled with {enrolled}")
+        for name in UPDATE_STATISTICS:
+            value = message.meta.get(name, 0)
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{device} reports {name} {value!r}: not a number >= 0")
         served = served_samples(self.receipts, device, message.round, message.meta.get("receipts"))
         supported = samples_supported(self.recipe, served)
         if claimed > supported:

@@ -11,6 +11,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class Registry:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        self._deferred = False              # in a batch: saved when it ends
         self.devices: dict[str, Device] = {}
         path = self.folder / "registry.json"
         if path.exists():
@@ -53,8 +56,20 @@ class Registry:
             known = self.devices.get(device)
             index = known.index if known else len(self.devices)
             self.devices[device] = Device(device, index, profile, hardware, num_samples, backend, head_blocks)
-            self._save()
+            if not self._deferred:
+                self._save()
             return self.devices[device]
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several enrollments saved once (the file holds every device)."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+            with self.lock:
+                self._save()
 
     def _save(self) -> None:
         devices = [asdict(d) for d in sorted(self.devices.values(), key=lambda d: d.index)]

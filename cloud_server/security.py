@@ -51,6 +51,7 @@ from wire_protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 SERVICE = "sfp-server"
+DASHBOARD = "sfp-dashboard"        # the fleet page's read-only account
 USED_TOKEN_GRACE_S = 120.0      # an enroll account outlives its use a little: its bundle reply may still be in flight
 PBKDF2_ITERATIONS = 101         # what mosquitto_passwd writes ($7$ = PBKDF2-HMAC-SHA512)
 
@@ -78,6 +79,9 @@ def account_rules(topics: Topics, account: dict) -> list[tuple[str, str]]:
     statement of the rules, which both the ACL file and the dynamic-security plugin are written from."""
     if account["kind"] == "service":
         return [("readwrite", f"{topics.base}/#")]
+    if account["kind"] == "dashboard":      # the fleet page: what the broker retains for dashboards, read-only
+        return [("read", t) for t in (topics.server_status(), topics.enrolled(), topics.all_status(),
+                                       topics.all_presence(), topics.worker_status("+"), topics.round_summary_filter())]
     device = account["device"]
     if account["kind"] == "enroll":
         return [("write", topics.up(device, "enroll")), ("read", topics.device_down(device)),
@@ -113,11 +117,27 @@ class Security:
         marker.write_text(federation + "\n")
         self.plugin = DynamicSecurity.from_folder(self.folder)     # None: the broker reads passwd and acl
         self._passwords: dict[str, str] = {}        # accounts made in the open change, for the plugin
+        self._open: dict | None = None              # the accounts of a batch in progress
 
     # ------------------------------------------------------------------ accounts
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several account changes read, written and told to the broker once (enrolling many devices at once: each
+        change alone rewrites every account and makes the broker re-read them all)."""
+        with self._accounts() as accounts:
+            self._open = accounts
+            try:
+                yield
+            finally:
+                self._open = None
+
+    @contextmanager
     def _accounts(self) -> Iterator[dict]:
-        """accounts.json under the lock; written back (with passwd and acl) when the block changed it."""
+        """accounts.json under the lock; written back (with passwd and acl) when the block changed it. Inside a
+        `batch`, its accounts, written when it ends."""
+        if self._open is not None:
+            yield self._open
+            return
         with open(self.folder / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             path = self.folder / "accounts.json"
@@ -126,13 +146,13 @@ class Security:
             earlier = json.loads(before)
             self._passwords.clear()
             yield accounts
-            changed = json.dumps(accounts, sort_keys=True) != before
+            changed = reread = json.dumps(accounts, sort_keys=True) != before
             if changed:
                 if self.plugin is not None:          # the broker first: if it cannot be told, nothing changes
                     self._tell_plugin(earlier, accounts)
-                self._write(accounts)
-        if changed and self.plugin is None and self.reload_hook is not None:
-            self.reload_hook()
+                reread = self._write(accounts)
+        if reread:
+            self.reload_broker()
 
     def _tell_plugin(self, earlier: dict, accounts: dict) -> None:
         """The broker's plugin told of each account made or removed (an account's other fields are ours only)."""
@@ -143,20 +163,34 @@ class Security:
                 self.plugin.set_account(user, self._passwords.pop(user),
                                         plugin_acls(account_rules(self.topics, account)))
 
-    def _write(self, accounts: dict) -> None:
+    def _write(self, accounts: dict, force: bool = False) -> bool:
+        """accounts.json, and the broker's passwd and acl where they changed; whether they did (only then must the
+        broker re-read them: marking a token used changes neither, and each reload makes Mosquitto check every
+        connected client again, which at a thousand devices cost more than the enrollment itself)."""
         write_atomic(self.folder / "accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n", 0o600)
         if self.plugin is not None:
-            return
+            return False
         mode, gid = broker_file_access(self.folder)
-        write_atomic(self.folder / "passwd", "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())),
-                     mode, gid)
-        write_atomic(self.folder / "acl", "\n".join(line for user, a in sorted(accounts.items())
-                                                   for line in acl_lines(self.topics, user, a)) + "\n", mode, gid)
+        files = {"passwd": "".join(f"{user}:{a['hash']}\n" for user, a in sorted(accounts.items())),
+                 "acl": "\n".join(line for user, a in sorted(accounts.items())
+                                  for line in acl_lines(self.topics, user, a)) + "\n"}
+        changed = False
+        for name, text in files.items():
+            path = self.folder / name
+            if force or not path.exists() or path.read_text() != text:
+                write_atomic(path, text, mode, gid)
+                changed = True
+        return changed
+
+    def reload_broker(self) -> None:
+        """Ask the broker to re-read its accounts (the file route; the plugin applies each change as told)."""
+        if self.plugin is None and self.reload_hook is not None:
+            self.reload_hook()
 
     def rewrite(self) -> None:
         """Write passwd and acl again from accounts.json (after the broker's group changed)."""
         with self._accounts() as accounts:
-            self._write(accounts)
+            self._write(accounts, force=True)
 
     def accounts(self) -> dict:
         with self._accounts() as accounts:
@@ -168,6 +202,15 @@ class Security:
         password = secrets.token_urlsafe(24)
         with self._accounts() as accounts:
             accounts[username] = {"kind": "service", "hash": password_hash(password)}
+            self._passwords[username] = password
+        return password
+
+    def add_dashboard(self, username: str = DASHBOARD) -> str:
+        """A new password for the read-only account the fleet page's browsers use (`sfp-cloud dashboard`)."""
+        check_name("dashboard", username)
+        password = secrets.token_urlsafe(24)
+        with self._accounts() as accounts:
+            accounts[username] = {"kind": "dashboard", "hash": password_hash(password)}
             self._passwords[username] = password
         return password
 

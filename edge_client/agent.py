@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +31,34 @@ from wire_protocol.link import Link, LinkError
 from wire_protocol.topics import Topics
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 5.0          # split training longer than this shows its progress, at most this often
+# A broker may refuse a just-enrolled device's account for a while: the server made it and asked the broker to
+# re-read its accounts, which it does when it gets to it (seen with 300 and 1000 devices enrolling at once).
+NEW_ACCOUNT_GRACE_S = 60.0
+
+
+class RoundProgress:
+    """What a person watching the device sees of a round: a line per phase, and split training's progress when
+    it takes long enough to wonder (the status in the broker carries the same, for dashboards)."""
+
+    def __init__(self, device: str, round_index: int, publish: Callable[..., None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.device, self.round, self.publish, self.clock = device, round_index, publish, clock
+        self.started = self.last = clock()
+
+    def phase(self, name: str) -> None:
+        log.info("%s: round %d: %s", self.device, self.round, name)
+        self.publish(activity=name, progress=None)
+        self.started = self.last = self.clock()
+
+    def batch(self, done: int, total: int) -> None:
+        now = self.clock()
+        if now - self.last < PROGRESS_EVERY_S and done < total or now - self.started < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        percent = 100 * done // total
+        log.info("%s: round %d: split training %d%% (%d/%d batches)", self.device, self.round, percent, done, total)
+        self.publish(progress=percent)
 
 
 class DeviceAgent:
@@ -96,10 +124,17 @@ class DeviceAgent:
     # ------------------------------------------------------------------------------------------ main loop
     def run(self, heartbeat_s: float = 10.0) -> None:
         self.link.on_connect = self._on_connect
-        try:
-            self.link.connect()
-        except LinkError as err:
-            raise ConfigError(str(err)) from None
+        deadline, pause = time.monotonic() + NEW_ACCOUNT_GRACE_S, 1.0
+        while True:
+            try:
+                self.link.connect()
+                break
+            except LinkError as err:
+                if not err.refused or time.monotonic() + pause > deadline or self.stop.is_set():
+                    raise ConfigError(str(err)) from None
+                log.info("%s: the broker does not know this account yet; trying again", self.config.device)
+                self.stop.wait(pause)
+                pause = min(2 * pause, 10.0)
         self.link.subscribe(self.topics.device_down(self.config.device), self._on_down)
         self.link.subscribe_json(self.topics.server_status(), self._on_server)
         self.link.publish_json(self.topics.device_presence(self.config.device), self.presence("online"), retain=True)
@@ -155,13 +190,15 @@ class DeviceAgent:
             raise RoundAborted(f"the round's optimizer {plan.recipe.optimizer} is not the bundle's "
                                f"{self.runtime.manifest.optimizer}")
         sent_raw0 = self.link.traffic.sent
-        self.publish_status(activity="starting", round=index)
+        progress = RoundProgress(self.config.device, index, self.publish_status)
+        self.status["round"] = index
+        progress.phase("starting")
         memory = self.memory.begin(index)
         self.token_noise = plan.recipe.token_noise
         result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote, memory,
-                           on_phase=lambda phase: self.publish_status(activity=phase),
-                           embed_cache_bytes=self.profile.embed_cache_mb << 20)
-        self.publish_status(activity="uploading")
+                           on_phase=progress.phase, embed_cache_bytes=self.profile.embed_cache_mb << 20,
+                           on_batch=progress.batch)
+        progress.phase("uploading")
         mqtt0 = self.link.traffic.sent - sent_raw0
         up = self.link.traffic.payload_sent - sent0 + sum(encoded_bytes(v.shape, "fp32")
                                                           for v in result.upload.values())
@@ -177,7 +214,8 @@ class DeviceAgent:
                                      "mqtt_up": mqtt_up}
 
     def _evaluate(self, index: int, attempt: int) -> None:
-        self.publish_status(activity="evaluating", round=index)
+        self.status["round"] = index
+        RoundProgress(self.config.device, index, self.publish_status).phase("evaluating")
         correct, total = 0, 0
         noise = np.random.default_rng([index, attempt]) if self.token_noise else None
         if self.x_test is not None:

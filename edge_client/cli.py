@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from sfp_common.cli import configure_logging, run_cli
+from sfp_common.cli import configure_logging, log_format_option, run_cli
 
 DEFAULT_STATE = Path(os.environ.get("SFP_EDGE_STATE", Path.home() / ".sfp-edge"))
 state_option = click.option("--state", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE,
@@ -19,9 +19,10 @@ state_option = click.option("--state", type=click.Path(file_okay=False, path_typ
 
 
 @click.group()
-def main() -> None:
+@log_format_option
+def main(log_format: str) -> None:
     """A device of a split federated prompt tuning federation (numpy + onnxruntime; never torch)."""
-    configure_logging()
+    configure_logging(log_format)
 
 
 @main.command(context_settings={"show_default": True})

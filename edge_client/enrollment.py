@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from wire_protocol.link import BrokerAccess, Link, LinkError
 from wire_protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
+ASK_AGAIN_S = 15.0         # no answer to an enrollment request this long: ask again (then after 30, 60, 120 s)
 
 
 def check_device_folder(data: str) -> tuple[int, list[str]]:
@@ -50,9 +52,10 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     replies: queue.Queue[Message] = queue.Queue()
     server: dict[str, Any] = {}
     access = BrokerAccess(enroll_account(device), token, ca_file)
+    # the request id: asked again, the server answers this request again instead of refusing the spent token
     request = Message("enroll", device, meta={"token": token, "profile": profile.as_dict(),
                                               "hardware": hardware_facts(), "num_samples": num_samples,
-                                              "classes": classes})
+                                              "classes": classes, "request": secrets.token_hex(16)})
 
     def connect() -> Link:
         server.clear()
@@ -71,15 +74,14 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
 
     link = connect()
     try:
-        deadline, sent = time.monotonic() + timeout, None
+        deadline, sent, wait = time.monotonic() + timeout, None, ASK_AGAIN_S
         while True:
-            # Ask once the server's retained status says it is up. No answer in 15 s (a server that was still
-            # starting or restarted never saw the request; a broker that had not yet loaded this account's
-            # permissions dropped it): ask again on a fresh connection. The token works once, so a second
-            # request the server does see is refused, after the first one's answer.
-            if sent is not None and time.monotonic() - sent > 15:
-                link.close()
-                link, sent = connect(), None
+            # Ask once the server's retained status says it is up; no answer in a while (a server that was
+            # still starting or restarted never saw the request; one busy enrolling many devices has not come to
+            # it yet): ask again, on the same connection (an answer on its way is not lost), less and less often.
+            # The server answers a request it has answered before again (the request id).
+            if sent is not None and time.monotonic() - sent > wait:
+                sent, wait = None, min(2 * wait, 8 * ASK_AGAIN_S)
             if server.get("state") in ("finished", "stopped"):
                 raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
             if server.get("state") not in (None, "offline", "starting") and sent is None:

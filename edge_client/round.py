@@ -38,11 +38,13 @@ class RoundResult:
 def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, plan: RoundPlan,
               server: SplitServer, memory: SampleMemory,
               on_phase: Callable[[str], None] = lambda phase: None,
-              embed_cache_bytes: int | None = None) -> RoundResult:
+              embed_cache_bytes: int | None = None,
+              on_batch: Callable[[int, int], None] = lambda done, total: None) -> RoundResult:
     """Train from the trainables already loaded (the global state) with a fresh optimizer. `memory` (this device's
     scores and cached features) is updated in place: hand in a copy when the round may have to be undone.
     `embed_cache_bytes`: the most memory the kept samples' embedded tokens may take (the profile's; None: no
-    limit); beyond it each split batch embeds its images again (the same numbers, more compute)."""
+    limit); beyond it each split batch embeds its images again (the same numbers, more compute). `on_batch(done,
+    total)`: after each split-training batch, for progress."""
     recipe = plan.recipe
     runtime.reset_optimizer()
     rng = np.random.default_rng(plan.seed)
@@ -59,7 +61,7 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
                 runtime.local_step(images[idx], labels[idx], recipe.lr)
     on_phase("split training")
     embedded = embed_once(runtime, images, kept, recipe.batch_size, embed_cache_bytes)
-    loss_sum = 0.0
+    loss_sum, done, total = 0.0, 0, recipe.epochs * -(-len(kept) // recipe.batch_size)
     for _ in range(recipe.epochs):
         loss_sum = 0.0
         for idx in batch_order(len(kept), recipe.batch_size, rng):
@@ -72,6 +74,8 @@ def run_round(runtime: ClientRuntime, images: np.ndarray, labels: np.ndarray, pl
             runtime.prompt_step(grad, recipe.lr, images=None if runtime.manifest.prompt_gradient_only else x)
             memory.record(rows, step.logits, y, features, recipe.wire)
             loss_sum += step.loss * len(y)
+            done += 1
+            on_batch(done, total)
     if recipe.local_update == "cached-features":
         on_phase("local update")
         cached = memory.cached()

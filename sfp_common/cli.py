@@ -2,9 +2,11 @@
 logging set-up, and the options that set a recipe (sfp_common/recipe.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from dataclasses import MISSING, fields, replace
 from typing import Any, Callable, TypeVar
 
@@ -38,13 +40,39 @@ def default_of(cls: type, name: str) -> Any:
 
 
 OUR_LOGGERS = ("sfp-cloud", "cloud_server", "edge_client", "wire_protocol", "export")
+LOG_FORMATS = ("text", "json")
 
 
-def configure_logging() -> None:
-    """Our services log at SFP_LOG (default INFO); libraries only their warnings."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time (UTC, ISO 8601), level, logger, message, and the
+    structured fields a call passes as `extra={"fields": {...}}` (a round's summary, say)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+                **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(fmt: str = "text") -> None:
+    """Our services log at SFP_LOG (default INFO); libraries only their warnings. `fmt`: text lines for people,
+    or JSON lines."""
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"unknown log format {fmt!r}; choose one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(os.environ.get("SFP_LOG", "INFO"))
+
+
+def log_format_option(f: Callable) -> Callable:
+    """--log-format text|json on a command group (or SFP_LOG_FORMAT)."""
+    return click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", envvar="SFP_LOG_FORMAT",
+                        show_default=True, help="Log lines for people, or JSON lines for log shippers.")(f)
 
 
 def recipe_options(f: Callable) -> Callable:

@@ -90,6 +90,16 @@ def test_enrollment_tokens_work_once_for_their_device_until_they_expire(server, 
     assert ask(link, topics, "once", enroll_request(server, "once", token=token)).type == "enrolled"
     again = ask(link, topics, "once", enroll_request(server, "once", token=token))
     assert again.type == "refused" and again.meta["reason"] == "enrollment token already used"
+    # A device that asks again with the same request (its first answer was slow to come) gets the same answer;
+    # the spent token with another request id (enrolling again by hand) is refused.
+    token = server.security.issue_token("twice", ttl_s=600)
+    request = enroll_request(server, "twice", token=token)
+    request.meta["request"] = "f" * 32
+    first, second = (ask(link, topics, "twice", request) for _ in range(2))
+    assert first.type == second.type == "enrolled" and first.meta == second.meta
+    assert bytes(first.tensors["bundle"]) == bytes(second.tensors["bundle"])
+    request.meta["request"] = "0" * 32
+    assert ask(link, topics, "twice", request).meta["reason"] == "enrollment token already used"
     late = server.security.issue_token("late", ttl_s=0.01)
     time.sleep(0.05)
     reply = ask(link, topics, "late", enroll_request(server, "late", token=late))

@@ -65,6 +65,11 @@ def test_an_update_weighs_only_what_the_enrollment_and_the_body_receipts_support
         ({"num_samples": 40, "receipts": first[:4]}, "a body receipt no worker signed"),   # round 1's, in round 2
         ({"num_samples": 40}, "carries no body receipts"),
         ({"receipts": later}, "'num_samples'"),
+        # what the round's summary averages must be numbers, or one device would stop the round
+        ({"num_samples": 40, "receipts": later, "loss": "low"}, "reports loss 'low': not a number >= 0"),
+        ({"num_samples": 40, "receipts": later, "seconds": float("nan")}, "reports seconds nan"),
+        ({"num_samples": 40, "receipts": later, "payload_up": -1}, "reports payload_up -1"),
+        ({"num_samples": 40, "receipts": later, "kept": True}, "reports kept True"),
     ]
     for meta, reason in lies:
         kind, why = refusal(ingress.check_claims, Message("update", "dev", 2, 0, meta, tensors))

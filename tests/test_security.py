@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cloud_server.broker import LocalBroker, free_port, listening
 from cloud_server.cli import main as cloud_main
 from cloud_server.dynsec import DynamicSecurity, role_name
-from cloud_server.security import SERVICE, Security, make_certificates, password_matches, secure
+from cloud_server.security import DASHBOARD, SERVICE, Security, make_certificates, password_matches, secure
 from wire_protocol.contracts import enroll_account
 from wire_protocol.envelope import Message
 from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
@@ -162,6 +162,42 @@ def test_a_device_reaches_only_its_own_topics(secured):
     time.sleep(0.5)
     assert at_server.empty() and at_a.empty() and at_b.empty()
     for link in (server, a, b):
+        link.close()
+
+
+def test_the_dashboard_account_reads_the_fleet_status_and_publishes_nothing(secured):
+    """The fleet page's browsers log in as this account: the retained status and rounds, nothing else, read-only."""
+    topics, url = Topics(FED), secured["url"]
+    password = secured["security"].add_dashboard()
+    server = Link(url, "server-d", access=access(secured, SERVICE, secured["service"])).connect()
+    page = Link(url, "page", access=access(secured, DASHBOARD, password)).connect()
+    shown = [(topics.server_status(), {"state": "training"}), (topics.enrolled(), ["dev-a"]),
+             (topics.device_status("dev-a"), {"activity": "idle"}),
+             (topics.device_presence("dev-a"), {"state": "online"}),
+             (topics.worker_status("w0"), {"state": "up"}), (topics.round_summary(1), {"round": 1})]
+    for topic, value in shown:
+        server.publish_json(topic, value, retain=True)
+    server.send(topics.down("dev-a", "round"), Message("round", "dev-a"))
+    seen, at_server = queue.Queue(), queue.Queue()
+    for pattern in (topics.server_status(), topics.enrolled(), topics.all_status(), topics.all_presence(),
+                    topics.worker_status("+"), topics.round_summary_filter(), topics.device_down("dev-a"),
+                    topics.all_up(), f"{topics.base}/#"):
+        page.subscribe_json(pattern, lambda t, v: seen.put((t, v)))
+    server.subscribe(topics.all_up(), lambda t, m: at_server.put(t))
+    server.subscribe_json(topics.server_status(), lambda t, v: at_server.put((t, v)))
+    assert at_server.get(timeout=5) == (topics.server_status(), {"state": "training"})      # retained, to the server
+    got = {}
+    while len(got) < len(shown):
+        topic, value = seen.get(timeout=5)
+        got[topic] = value
+    assert got == dict(shown)
+    page.publish_json(topics.server_status(), {"state": "forged"}, retain=True)             # dropped by the broker
+    page.send(topics.up("dev-a", "update"), Message("update", "dev-a"))
+    time.sleep(0.5)
+    assert at_server.empty()
+    while not seen.empty():                     # nothing else reached the page
+        assert seen.get()[0] in got
+    for link in (server, page):
         link.close()
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, Message], None]
 JsonHandler = Callable[[str, Any], None]
 INLINE_BYTES = 256 << 10      # received payloads below this are handled on the network thread when nothing waits
-MAX_ROUTES = 4096             # topics whose handlers are remembered (a fleet's devices each have their own)
+MAX_ROUTES = 1 << 16          # topics whose handlers are remembered (a server has a few per device of its fleet)
 
 
 class LinkError(ServiceError):
@@ -129,7 +129,10 @@ class Link:
 
     # ------------------------------------------------------------------ connection
     def connect(self, timeout: float = 15.0) -> Link:
+        """Connect (again, after a refusal); LinkError says why not."""
         where = f"the broker at {self.host}:{self.port}"
+        self._connect_error = None
+        self._connected.clear()
         try:
             self.client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
         except ssl.SSLCertVerificationError as err:

@@ -78,6 +78,9 @@ class Topics:
     def shared_forward(self) -> str:
         return f"$share/{SHARED_GROUP}/{self.base}/body/+/forward"
 
+    def round_summary_filter(self) -> str:
+        return f"{self.base}/rounds/+"
+
     def worker_backward(self, worker: str) -> str:
         return f"{self.base}/workers/{worker}/backward/+"
 
