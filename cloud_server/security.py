@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class Security:
         marker.write_text(federation + "\n")
         self.plugin = DynamicSecurity.from_folder(self.folder)     # None: the broker reads passwd and acl
         self._passwords: dict[str, str] = {}        # accounts made in the open change, for the plugin
-        self._open: dict | None = None              # the accounts of a batch in progress
+        self._open: tuple[int, dict] | None = None   # (thread, accounts) of a batch in progress
 
     # ------------------------------------------------------------------ accounts
     @contextmanager
@@ -125,7 +126,7 @@ class Security:
         """Several account changes read, written and told to the broker once (enrolling many devices at once: each
         change alone rewrites every account and makes the broker re-read them all)."""
         with self._accounts() as accounts:
-            self._open = accounts
+            self._open = (threading.get_ident(), accounts)
             try:
                 yield
             finally:
@@ -134,9 +135,9 @@ class Security:
     @contextmanager
     def _accounts(self) -> Iterator[dict]:
         """accounts.json under the lock; written back (with passwd and acl) when the block changed it. Inside a
-        `batch`, its accounts, written when it ends."""
-        if self._open is not None:
-            yield self._open
+        `batch`, its accounts, written when it ends (another thread waits for the lock, as another process does)."""
+        if self._open is not None and self._open[0] == threading.get_ident():
+            yield self._open[1]
             return
         with open(self.folder / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -166,7 +167,7 @@ class Security:
     def _write(self, accounts: dict, force: bool = False) -> bool:
         """accounts.json, and the broker's passwd and acl where they changed; whether they did (only then must the
         broker re-read them: marking a token used changes neither, and each reload makes Mosquitto check every
-        connected client again, which at a thousand devices cost more than the enrollment itself)."""
+        connected client against the new accounts)."""
         write_atomic(self.folder / "accounts.json", json.dumps(accounts, indent=1, sort_keys=True) + "\n", 0o600)
         if self.plugin is not None:
             return False
@@ -196,23 +197,22 @@ class Security:
         with self._accounts() as accounts:
             return {user: dict(a) for user, a in accounts.items()}
 
-    def add_service(self, username: str = SERVICE) -> str:
-        """A new password for a server-side account (the coordinator, body workers, the fleet view)."""
-        check_name("service", username)
+    def _add_account(self, username: str, kind: str, **fields: str) -> str:
+        """An account with a new password (replacing any earlier one of that name); returns the password."""
+        check_name(kind, username)
         password = secrets.token_urlsafe(24)
         with self._accounts() as accounts:
-            accounts[username] = {"kind": "service", "hash": password_hash(password)}
+            accounts[username] = {"kind": kind, **fields, "hash": password_hash(password)}
             self._passwords[username] = password
         return password
 
+    def add_service(self, username: str = SERVICE) -> str:
+        """A new password for a server-side account (the coordinator, body workers, the fleet view)."""
+        return self._add_account(username, "service")
+
     def add_dashboard(self, username: str = DASHBOARD) -> str:
         """A new password for the read-only account the fleet page's browsers use (`sfp-cloud dashboard`)."""
-        check_name("dashboard", username)
-        password = secrets.token_urlsafe(24)
-        with self._accounts() as accounts:
-            accounts[username] = {"kind": "dashboard", "hash": password_hash(password)}
-            self._passwords[username] = password
-        return password
+        return self._add_account(username, "dashboard")
 
     def issue_token(self, device: str, ttl_s: float) -> str:
         """A single-use enrollment token for one device, valid `ttl_s` seconds; also its enroll account's password."""
@@ -241,12 +241,7 @@ class Security:
 
     def add_device(self, device: str) -> str:
         """The device's own account (replacing any earlier one); returns its password, sent to the device once."""
-        check_name("device", device)
-        password = secrets.token_urlsafe(24)
-        with self._accounts() as accounts:
-            accounts[device] = {"kind": "device", "device": device, "hash": password_hash(password)}
-            self._passwords[device] = password
-        return password
+        return self._add_account(device, "device", device=device)
 
     def prune(self, now: float | None = None) -> list[str]:
         """Drop enroll accounts that expired or were used more than a grace period ago; returns their names."""

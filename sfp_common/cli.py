@@ -48,9 +48,9 @@ class JsonLogFormatter(logging.Formatter):
     structured fields a call passes as `extra={"fields": {...}}` (a round's summary, say)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
-                **getattr(record, "fields", {})}
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = {"time": stamp, "level": record.levelname.lower(), "logger": record.name,
+                "message": record.getMessage(), **getattr(record, "fields", {})}
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -64,7 +64,7 @@ def configure_logging(fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])     # a no-op where logging is set up already
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(os.environ.get("SFP_LOG", "INFO"))
 
