@@ -77,7 +77,8 @@ class Coordinator:
         # (no answer yet while many enroll: its first answer may still be on its way) gets the same answer.
         self.answered: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
         self.stop = threading.Event()
-        self.reconnected = threading.Event()       # set on a reconnect: the round in progress runs again
+        # Set when the broker connection drops (and again on the reconnect): the round in progress runs again
+        self.connection_lost = threading.Event()
         self.round_in_progress: int | None = None
         self.status: dict[str, Any] = {"state": "starting", "federation": cfg.federation, "round": None,
                                        "rounds": cfg.rounds, "model": self.model_id}
@@ -90,6 +91,7 @@ class Coordinator:
     # ----------------------------------------------------------------------------------------- MQTT thread
     def start(self) -> Coordinator:
         self.link.on_connect = self._on_connect
+        self.link.on_disconnect = self.connection_lost.set
         self.link.connect()
         self.link.subscribe(self.topics.all_up(), self._on_up)
         self.link.subscribe_json(self.topics.all_presence(), self._on_presence)
@@ -99,7 +101,7 @@ class Coordinator:
 
     def _on_connect(self, reconnected: bool) -> None:
         if reconnected:       # a new session: what was in flight may be lost, the retained status too
-            self.reconnected.set()
+            self.connection_lost.set()
             self.publish_status(force=True)
 
     def _on_up(self, topic: str, message: Message) -> None:
@@ -238,7 +240,7 @@ class Coordinator:
     def run(self) -> None:
         """Rounds until the configured number is done or `stop` is set."""
         while self.next_round <= self.cfg.rounds and not self.stop.is_set():
-            if len(self.clients.online()) < self.cfg.min_devices:
+            if not self.link.connected or len(self.clients.online()) < self.cfg.min_devices:
                 self.publish_status(state="waiting for devices", round=self.next_round)
                 self.stop.wait(0.5)
                 continue
@@ -252,7 +254,7 @@ class Coordinator:
         Duplicates, other rounds' and earlier attempts' messages are ignored (idempotent)."""
         got: dict[str, Message] = {}
         while (wanted - set(got) and time.monotonic() < deadline and not self.stop.is_set()
-               and not self.reconnected.is_set()):
+               and not self.connection_lost.is_set()):
             # everyone still missing is offline: asked of the missing ones only (a scan of the whole fleet on every
             # message took 8% of the server's CPU in rounds of 1000 devices, py-spy)
             if not any(self.clients.is_online(d) for d in wanted - got.keys()):
@@ -287,7 +289,7 @@ class Coordinator:
         so answers to an earlier attempt, or to a server that ran before a restart, never count."""
         start = time.time()
         attempt = secrets.randbelow(2**31)
-        self.reconnected.clear()
+        self.connection_lost.clear()
         self.round_in_progress = round_index
         try:
             return self._run_round(round_index, attempt, start)
@@ -310,11 +312,13 @@ class Coordinator:
                         round_index, len(updates), len(selected))
             self.publish_status(state="stopping", round=round_index)
             return summary
-        if not updates or self.reconnected.is_set():    # the round is not done, and runs again
-            why = "the broker connection was lost" if self.reconnected.is_set() else "no device delivered an update"
+        if not updates or self.connection_lost.is_set():    # the round is not done, and runs again
+            # A broker that shuts down first sends its clients' Wills: the devices can look offline to us a moment
+            # before our own connection drops. A second later the cause is known.
+            self.stop.wait(1.0)
+            why = "the broker connection was lost" if self.connection_lost.is_set() else "no device delivered an update"
             log.warning("round %d: %s; it will be run again", round_index, why)
             self.publish_status(state="round failed", round=round_index, last_failure={**summary, "reason": why})
-            self.stop.wait(1.0)
             return summary
         ordered = [updates[d] for d in sorted(updates, key=lambda d: self.registry.get(d).index)]
         self.global_state = self.strategy.aggregate([m.tensors for m in ordered],

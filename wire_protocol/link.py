@@ -99,7 +99,9 @@ class Link:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connect: Callable[[bool], None] | None = None   # (reconnected) after each connection is set up
+        self.on_disconnect: Callable[[], None] | None = None     # when an established connection drops
         self._connections = 0
+        self._up = False           # connected, and the owner's on_connect has run
         self._connect_error: str | None = None
         self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -181,10 +183,22 @@ class Link:
                 self.on_connect(self._connections > 1)
             except Exception:       # the owner's bug must not stop paho's network thread
                 log.exception("%s: on_connect failed", self.client_id)
+        self._up = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._up = False
         if reason_code.is_failure and self._connections and self._connect_error is None:   # connect() reports its own
             log.warning("%s: disconnected from the broker (%s); reconnecting", self.client_id, reason_code)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect()
+                except Exception:
+                    log.exception("%s: on_disconnect failed", self.client_id)
+
+    @property
+    def connected(self) -> bool:
+        """Connected, and whatever the owner does on (re)connecting is done."""
+        return self._up
 
     def close(self, final: list[tuple[str, Any]] = (), timeout: float = 10.0) -> None:
         """Publish `final` retained JSON (a clean shutdown's status), wait for everything queued, disconnect."""
