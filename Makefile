@@ -16,7 +16,7 @@ ORT_TRAINING_VENV ?= .venv-ort-training
 AARCH64_ENV ?= build/aarch64
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup system-packages emulator-packages browser-packages dashboard-assets backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
+.PHONY: setup system-packages emulator-packages browser-packages cluster-packages dashboard-assets backbone demo simulate compare sweep count bench bench-quick bench-device bench-serving bench-transport bench-chaos ort-training-env test clean
 
 # Debian packages: the Fashion-MNIST files the backbone is pretrained on, and the Mosquitto broker.
 system-packages:
@@ -37,6 +37,13 @@ browser-packages:
 	@if ! command -v chromium >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	fi
+
+# Debian's ejabberd: a real clustered MQTT 5 broker, two nodes on loopback (tests/ejabberd_cluster.py).
+cluster-packages:
+	@if ! command -v ejabberdctl >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq ejabberd; \
 	fi
 
 # The fleet page's browser libraries (MQTT.js, Chart.js), from npm at the versions its lock file pins.
@@ -136,7 +143,7 @@ ort-training-env: $(ORT_TRAINING_VENV)/installed
 
 # Bundles of both backends are exported and the PyTorch reference steps recorded in the main environment; the
 # device tests then run in each backend's torch-free environment (portable ones in the main one too).
-test: setup browser-packages $(DASHBOARD_ASSETS) $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed $(AARCH64_ENV)/python
+test: setup browser-packages cluster-packages $(DASHBOARD_ASSETS) $(EDGE_VENV)/installed $(EDGE_OLDEST_VENV)/installed $(ORT_TRAINING_VENV)/installed $(AARCH64_ENV)/python
 	rm -rf $(EDGE_FIXTURES)
 	OMP_NUM_THREADS=1 SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python \
 		$(BIN)/python tests/edge/make_fixtures.py $(EDGE_FIXTURES)

@@ -94,8 +94,11 @@ class InstantServer:
         self.features = rng.standard_normal((4096, tail_tokens, dim)).astype(np.float32)
         self.grad = (1e-3 * rng.standard_normal((prompts, dim))).astype(np.float32)
 
-    def forward(self, tokens: np.ndarray) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         return self.features[:len(tokens)]
+
+    def forward_kept(self, prompts: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        return self.features[:len(ids)]
 
     def backward(self, dfeatures: np.ndarray) -> np.ndarray:
         return self.grad

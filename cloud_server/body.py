@@ -12,7 +12,11 @@ worker process adds capacity with nothing else changed.
 
 What crosses is what the reference federation's meter sends (simulation/methods.py `split_step`, traffic
 "ours"): tokens up and features down in the device's wire dtype, dL/dfeatures up and the prompt gradient (summed
-over the batch, no head blocks) or dL/dtokens down in fp32.
+over the batch, no head blocks) or dL/dtokens down in fp32. When the federation and the device opted in
+(`Recipe.server_keeps_tokens`), a forward's tokens come with their sample ids and the worker keeps them; later
+forwards bring only the ids and the current prompts, and the worker rebuilds the tokens (sfp_common/token_store.py).
+A worker that lacks some (it restarted, or another worker kept them) answers "missing", and the device sends the
+batch whole again.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 
 from cloud_server.metrics import Metrics
 from export.split import SplitViT
+from sfp_common.token_store import DEFAULT_MAX_BYTES, TokenStore
 from wire_protocol.envelope import Message
 from wire_protocol.link import BrokerAccess, Link
 from wire_protocol.receipts import receipt_key, sign
@@ -91,8 +96,9 @@ class BodyCompute:
 class _Request:
     kind: str          # forward | backward
     message: Message
-    tokens: np.ndarray | None = None
+    tokens: np.ndarray | None = None     # None in a forward that brings only prompts: rebuilt from the store
     head_blocks: int = 0   # the device's cut: the body runs from there
+    ids: np.ndarray | None = None        # the samples' ids, when the device lets the server keep its tokens
 
 
 class BodyWorker:
@@ -101,8 +107,9 @@ class BodyWorker:
     def __init__(self, link: Link, topics: Topics, compute: BodyCompute, worker_id: str, num_tokens: int,
                  embed_dim: int, max_batch_requests: int = 64, window_s: float = 0.002,
                  max_kept: int = 4096, on_samples: Callable[[int], None] | None = None,
-                 receipts: bytes | None = None) -> None:
-        """`receipts`: the key each backward's receipt is signed with (wire_protocol/receipts.py)."""
+                 receipts: bytes | None = None, token_store_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        """`receipts`: the key each backward's receipt is signed with (wire_protocol/receipts.py).
+        `token_store_bytes`: the most the tokens kept for devices that opted in may take (in memory)."""
         self.link, self.topics, self.compute, self.worker_id = link, topics, compute, worker_id
         self.receipts = receipts if receipts is not None else receipt_key(topics.federation, None)
         self.on_samples = on_samples          # samples through each forward batch (the server's metrics)
@@ -111,12 +118,18 @@ class BodyWorker:
         self.queue: queue.Queue[_Request | None] = queue.Queue()
         # (device, round, seq) -> the forward's tokens and cut, until its backward
         self.kept: OrderedDict[tuple[str, int, int], tuple[np.ndarray, int]] = OrderedDict()
-        self.served = {"forward": 0, "backward": 0, "samples": 0, "batches": 0, "errors": 0}
+        self.tokens = TokenStore(token_store_bytes)      # touched by the compute thread only
+        self.served = {"forward": 0, "backward": 0, "samples": 0, "batches": 0, "errors": 0, "rebuilt": 0}
         self._thread = threading.Thread(target=self._loop, name=f"body-{worker_id}", daemon=True)
         self._published, self._dirty = 0.0, False
 
     def start(self) -> BodyWorker:
-        self.link.subscribe(self.topics.shared_forward(), self._on_forward)
+        if self.link.shared_subscriptions:
+            self.link.subscribe(self.topics.shared_forward(), self._on_forward)
+        else:
+            log.warning("body worker %s: the broker offers no shared subscriptions, so this worker takes every "
+                        "forward of the federation: run one body worker only", self.worker_id)
+            self.link.subscribe(self.topics.all_forward(), self._on_forward)
         self.link.subscribe(self.topics.worker_backward(self.worker_id), self._on_backward)
         self._thread.start()
         self.publish_status()
@@ -137,16 +150,29 @@ class BodyWorker:
     def _on_forward(self, topic: str, message: Message) -> None:
         if not self._claimed_by_topic(topic, message):
             return
-        tokens = message.tensors.get("tokens")
-        if message.type != "forward" or tokens is None or tokens.dtype != np.float32 or tokens.ndim != 3 or (
-                tokens.shape[1:] != (self.num_tokens, self.embed_dim)) or len(tokens) == 0:
-            self._error(message, f"a forward needs float tokens [B, {self.num_tokens}, {self.embed_dim}]")
-            return
+        tokens, ids, prompts = (message.tensors.get(name) for name in ("tokens", "ids", "prompts"))
         k = message.meta.get("head_blocks", self.compute.head_blocks)
         if type(k) is not int or k not in self.compute.cuts:
             self._error(message, f"a device's head blocks are 0 to {self.compute.head_blocks}, got {k!r}")
             return
-        self.queue.put(_Request("forward", message, tokens, k))
+        if message.type != "forward" or (tokens is None) == (prompts is None):
+            self._error(message, "a forward brings either tokens or (with ids) prompts")
+            return
+        if ids is not None and (ids.dtype != np.int32 or ids.ndim != 1 or not len(ids) or ids.min() < 0 or k != 0
+                                or len(set(ids.tolist())) != len(ids)):
+            self._error(message, "a forward's ids are distinct int32 >= 0, one per sample, and only from a device "
+                                 "with no head blocks (its tokens depend on nothing but the prompts)")
+            return
+        if tokens is not None and (tokens.dtype != np.float32 or tokens.ndim != 3 or len(tokens) == 0 or (
+                tokens.shape[1:] != (self.num_tokens, self.embed_dim)) or (ids is not None and len(ids) != len(tokens))):
+            self._error(message, f"a forward needs float tokens [B, {self.num_tokens}, {self.embed_dim}] (and B ids)")
+            return
+        if prompts is not None and (ids is None or prompts.dtype != np.float32
+                                    or prompts.shape != (self.compute.prompts, self.embed_dim)):
+            self._error(message, f"a forward of kept tokens needs their ids and prompts "
+                                 f"[{self.compute.prompts}, {self.embed_dim}]")
+            return
+        self.queue.put(_Request("forward", message, tokens, k, ids))
 
     def _on_backward(self, topic: str, message: Message) -> None:
         if not self._claimed_by_topic(topic, message):
@@ -207,18 +233,40 @@ class BodyWorker:
                     self.publish_status()
 
     def _forward(self, group: list[_Request]) -> None:
+        group = [r for r in group if self._tokens_of(r)]
+        if not group:
+            return
         features = self.compute.forward([r.tokens for r in group], group[0].head_blocks)
         for r, f in zip(group, features):
             m = r.message
             if not m.meta.get("evaluate"):        # evaluation batches have no backward
                 self.kept[(m.device, m.round, m.seq)] = (r.tokens, r.head_blocks)
-            wire = m.wires.get("tokens", "fp32")
+            wire = m.wires.get("tokens", m.wires.get("prompts", "fp32"))
             self.link.send(self.topics.down(m.device, "features"),
                            Message("features", m.device, m.round, m.seq, {"worker": self.worker_id},
                                    {"features": f}, {"features": wire}))
         while len(self.kept) > self.max_kept:
             self.kept.popitem(last=False)
         self._count("forward", group)
+
+    def _tokens_of(self, r: _Request) -> bool:
+        """Keep a forward's tokens with their ids, or rebuild them from the kept ones; False: the device was told
+        that some are missing (it sends the batch whole)."""
+        m = r.message
+        if r.ids is None:
+            return True
+        if r.tokens is not None:
+            self.tokens.put(m.device, r.ids, r.tokens, m.wires.get("tokens", "fp32"))
+            return True
+        missing = self.tokens.missing(m.device, r.ids)
+        if missing:
+            self.link.send(self.topics.down(m.device, "error"), Message(
+                "error", m.device, m.round, m.seq, {"reason": f"{len(missing)} of the batch's samples are not kept "
+                                                              f"here", "missing": True}))
+            return False
+        r.tokens = self.tokens.rebuild(m.device, r.ids, m.tensors["prompts"], self.compute.first_prompt)
+        self.served["rebuilt"] += 1
+        return True
 
     def _backward(self, group: list[_Request]) -> None:
         """The group's backwards, batched per cut (a backward learns its cut from the forward it follows)."""
@@ -267,7 +315,8 @@ class BodyWorker:
 
 
 def start_worker(broker: str, federation: str, model: SplitViT, worker_id: str, torch_device: str, body_dtype: str,
-                 max_packet: int, access: BrokerAccess | None = None, metrics: Metrics | None = None) -> BodyWorker:
+                 max_packet: int, access: BrokerAccess | None = None, metrics: Metrics | None = None,
+                 token_store_bytes: int = DEFAULT_MAX_BYTES) -> BodyWorker:
     """A body worker on its own connection, serving until stopped; with `metrics` (a server's), what it refuses
     and the samples it serves are counted there."""
     from export.onnx_graphs import image_shape
@@ -280,6 +329,7 @@ def start_worker(broker: str, federation: str, model: SplitViT, worker_id: str, 
                 ).connect()
     worker = BodyWorker(link, Topics(federation), compute, worker_id, num_tokens, dim,
                         on_samples=None if metrics is None else metrics.body_samples.inc,
-                        receipts=receipt_key(federation, access.password if access else None)).start()
+                        receipts=receipt_key(federation, access.password if access else None),
+                        token_store_bytes=token_store_bytes).start()
     log.info("body worker %s on %s (%s)", worker_id, compute.device, body_dtype)
     return worker

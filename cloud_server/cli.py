@@ -19,6 +19,7 @@ from export.cli import split_options
 from sfp_common.cli import (configure_logging, default_of, log_format_option, recipe_from_options, recipe_options,
                             run_cli)
 from sfp_common.errors import ConfigError
+from sfp_common.token_store import DEFAULT_MAX_BYTES
 
 log = logging.getLogger("sfp-cloud")
 
@@ -84,6 +85,9 @@ def body_options(f):
     f = click.option("--body-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32",
                      help="The body's compute precision (bf16: autocast on the accelerator).")(f)
     f = click.option("--device", "torch_device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1.")(f)
+    f = click.option("--token-store-mb", type=click.IntRange(min=0), default=DEFAULT_MAX_BYTES >> 20,
+                     help="Memory for the tokens kept for devices that opted in (--server-keeps-tokens); past it "
+                          "the devices seen longest ago are forgotten (they send their tokens again).")(f)
     return f
 
 
@@ -173,8 +177,8 @@ def main(log_format: str) -> None:
 @click.option("--max-packet", default=1 << 20, help="The broker's packet limit; messages over it (or over 512 KiB) travel in chunks.")
 @click.option("--metrics-port", default=0, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).")
 @config_file_option
-def serve(broker, federation, torch_device, body_dtype, ca, username, password_file, broker_reload, state_dir,
-          workers, max_packet, metrics_port, **settings) -> None:
+def serve(broker, federation, torch_device, body_dtype, token_store_mb, ca, username, password_file, broker_reload,
+          state_dir, workers, max_packet, metrics_port, **settings) -> None:
     """Coordinate rounds, serve bundles to enrolling devices, and run the ViT body. The recipe options default
     to SFPrompt's recipe (sfp_common/recipe.py), the reference federation's."""
     from cloud_server.body import start_worker
@@ -197,7 +201,7 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
             signal.signal(sig, lambda *_: coordinator.stop.set())
         coordinator.start()
         bodies = [start_worker(broker, federation, coordinator.bundles.model, f"{federation}-w{i}", torch_device,
-                               body_dtype, max_packet, access, metrics) for i in range(workers)]
+                               body_dtype, max_packet, access, metrics, token_store_mb << 20) for i in range(workers)]
         log.info("serving federation %s: %d rounds, state in %s", federation, cfg.rounds, state_dir)
         try:
             coordinator.run()
@@ -217,7 +221,8 @@ def serve(broker, federation, torch_device, body_dtype, ca, username, password_f
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The server's state folder, for the CA and service password under its security/.")
 def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes, img_size, random_init, seed,
-           torch_device, body_dtype, ca, username, password_file, worker_id, max_packet, state_dir) -> None:
+           torch_device, body_dtype, token_store_mb, ca, username, password_file, worker_id, max_packet,
+           state_dir) -> None:
     """An extra body worker: takes forward requests from the shared subscription until stopped."""
     from cloud_server.body import start_worker
     from export.backbone import resolve_model
@@ -232,7 +237,8 @@ def worker(broker, federation, prompts, head_blocks, tail_blocks, model, classes
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         body = start_worker(broker, federation, split, name, torch_device, body_dtype, max_packet,
-                            broker_access(broker, ca, username, password_file, state_dir))
+                            broker_access(broker, ca, username, password_file, state_dir),
+                            token_store_bytes=token_store_mb << 20)
         try:
             stop.wait()
         finally:

@@ -197,7 +197,7 @@ class DeviceAgent:
         self.token_noise = plan.recipe.token_noise
         result = run_round(self.runtime, self.x_train, self.y_train, plan, self.remote, memory,
                            on_phase=progress.phase, embed_cache_bytes=self.profile.embed_cache_mb << 20,
-                           on_batch=progress.batch)
+                           on_batch=progress.batch, owner_agrees=self.config.server_may_keep_tokens)
         progress.phase("uploading")
         mqtt0 = self.link.traffic.sent - sent_raw0
         up = self.link.traffic.payload_sent - sent0 + sum(encoded_bytes(v.shape, "fp32")

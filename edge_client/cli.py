@@ -37,8 +37,12 @@ def main(log_format: str) -> None:
 @click.option("--federation", default="demo")
 @click.option("--device-id", default=None, help="[default: this host's name]")
 @click.option("--timeout", type=float, default=300.0, help="Seconds to wait for the server's answer.")
+@click.option("--let-server-keep-tokens", is_flag=True,
+              help="Agree that, where the federation asks, the server keeps this device's patch tokens after their "
+                   "first upload (later rounds send ids and prompts only). The server can then rebuild the images "
+                   "exactly: README, Privacy.")
 @state_option
-def enroll(broker, token, ca, profile, data, federation, device_id, timeout, state) -> None:
+def enroll(broker, token, ca, profile, data, federation, device_id, timeout, let_server_keep_tokens, state) -> None:
     """Register this device and receive its client bundle."""
     from edge_client.enrollment import enroll as do_enroll
     from edge_client.profiles import load_profile
@@ -46,7 +50,8 @@ def enroll(broker, token, ca, profile, data, federation, device_id, timeout, sta
     def job() -> None:
         chosen = load_profile(profile)
         device = device_id or platform.node().split(".")[0] or "device"
-        config = do_enroll(broker, token, chosen, data, state, device, federation, timeout, ca)
+        config = do_enroll(broker, token, chosen, data, state, device, federation, timeout, ca,
+                           let_server_keep_tokens)
         click.echo(f"enrolled {config.device} in federation {config.federation} ({chosen.name}, "
                    f"{chosen.backend} backend, {config.num_samples} samples); state in {state}")
     run_cli(job)

@@ -32,6 +32,8 @@ class DeviceConfig:
     classes: list[str]
     num_samples: int
     tls_ca: bool = False            # the broker's CA is the state folder's ca.crt
+    # the owner lets the server keep this device's patch tokens when the federation asks (Recipe.server_keeps_tokens)
+    server_may_keep_tokens: bool = False
 
     @property
     def settings(self) -> Profile:

@@ -24,6 +24,9 @@ from wire_protocol.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 ASK_AGAIN_S = 15.0         # no answer to an enrollment request this long: ask again (then after 30, 60, 120 s)
+# No server status at all this long after connecting: ask anyway. A clustered broker may not deliver a message
+# retained on another of its nodes (ejabberd 23.01: tests/ejabberd_cluster.py), so the status is a hint.
+NO_STATUS_S = 3.0
 
 
 def check_device_folder(data: str) -> tuple[int, list[str]]:
@@ -40,9 +43,10 @@ def check_device_folder(data: str) -> tuple[int, list[str]]:
 
 
 def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, device: str, federation: str,
-           timeout: float = 300.0, ca_file: str | None = None) -> DeviceConfig:
+           timeout: float = 300.0, ca_file: str | None = None, server_may_keep_tokens: bool = False) -> DeviceConfig:
     """Register with the server (as the one-off account its token opens), receive and verify the bundle and its
-    own broker account, and keep them in `state`."""
+    own broker account, and keep them in `state`. `server_may_keep_tokens`: the owner's consent to
+    `Recipe.server_keeps_tokens` (used only where the device's cut has no head blocks)."""
     check_name("device", device)
     topics = Topics(federation)
     num_samples, classes = check_device_folder(data)
@@ -74,7 +78,8 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
 
     link = connect()
     try:
-        deadline, sent, wait = time.monotonic() + timeout, None, ASK_AGAIN_S
+        connected = time.monotonic()
+        deadline, sent, wait = connected + timeout, None, ASK_AGAIN_S
         while True:
             # Ask once the server's retained status says it is up; no answer in a while (a server that was
             # still starting or restarted never saw the request; one busy enrolling many devices has not come to
@@ -84,7 +89,8 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
                 sent, wait = None, min(2 * wait, 8 * ASK_AGAIN_S)
             if server.get("state") in ("finished", "stopped"):
                 raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
-            if server.get("state") not in (None, "offline", "starting") and sent is None:
+            unheard = not server and time.monotonic() - connected > NO_STATUS_S
+            if (server.get("state") not in (None, "offline", "starting") or unheard) and sent is None:
                 link.send(topics.up(device, "enroll"), request)
                 sent = time.monotonic()
             try:
@@ -101,7 +107,10 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     finally:
         link.close()
     state.mkdir(parents=True, exist_ok=True)
-    install_bundle(bytes(reply.tensors["bundle"]), state / BUNDLE)
+    manifest = install_bundle(bytes(reply.tensors["bundle"]), state / BUNDLE)
+    if server_may_keep_tokens and not manifest.prompt_gradient_only:
+        log.warning("%s: this device's cut runs %d head block(s), so its tokens depend on more than the prompts: "
+                    "the server cannot keep them, and they travel every round", device, manifest.head_blocks)
     credentials = reply.meta.get("credentials")
     if not isinstance(credentials, dict) or not {"username", "password"} <= set(credentials):
         raise ConfigError("the server's enrollment reply carries no broker account for this device")
@@ -109,6 +118,7 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     if ca_file:
         shutil.copyfile(ca_file, state / CA)
     config = DeviceConfig(federation, device, broker, profile.as_dict(), str(Path(data).resolve()),
-                          list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file))
+                          list(reply.meta["classes"]), num_samples, tls_ca=bool(ca_file),
+                          server_may_keep_tokens=server_may_keep_tokens)
     config.save(state)
     return config

@@ -51,15 +51,34 @@ class RemoteBody:
         """End the current round at its next wait (from any thread)."""
         self.aborted = reason
 
-    def forward(self, tokens: np.ndarray, evaluate: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, ids: np.ndarray | None = None, evaluate: bool = False) -> np.ndarray:
+        """`ids`: the samples' ids, for a server that keeps tokens (sfp_common/token_store.py)."""
+        tensors, wires = {"tokens": tokens}, {"tokens": self.wire}
+        if ids is not None:
+            tensors["ids"], wires["ids"] = ids, "int32"
+        reply = self._forward(tensors, wires, evaluate)
+        if reply.type == "error":
+            raise RoundAborted(f"the server refused the request: {reply.meta.get('reason')}")
+        return reply.tensors["features"]
+
+    def forward_kept(self, prompts: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        """The server rebuilds the batch from the tokens it kept and these prompts; None when it lacks some."""
+        reply = self._forward({"prompts": prompts, "ids": ids}, {"prompts": self.wire, "ids": "int32"}, False)
+        if reply.type == "error":
+            if reply.meta.get("missing"):
+                return None
+            raise RoundAborted(f"the server refused the request: {reply.meta.get('reason')}")
+        return reply.tensors["features"]
+
+    def _forward(self, tensors: dict[str, np.ndarray], wires: dict[str, str], evaluate: bool) -> Message:
         self.seq += 1
         self.link.send(self.topics.forward(self.device),
                        Message("forward", self.device, self.round, self.seq,
-                               {"evaluate": evaluate, "head_blocks": self.head_blocks},
-                               {"tokens": tokens}, {"tokens": self.wire}))
-        reply = self._wait("features")
-        self.worker = reply.meta.get("worker")
-        return reply.tensors["features"]
+                               {"evaluate": evaluate, "head_blocks": self.head_blocks}, tensors, wires))
+        reply = self._wait("features", errors=True)
+        if reply.type == "features":
+            self.worker = reply.meta.get("worker")
+        return reply
 
     def backward(self, dfeatures: np.ndarray) -> np.ndarray:
         if not isinstance(self.worker, str):
@@ -70,7 +89,8 @@ class RemoteBody:
         self.receipts.append(reply.meta.get("receipt"))
         return reply.tensors["gradient"]
 
-    def _wait(self, kind: str) -> Message:
+    def _wait(self, kind: str, errors: bool = False) -> Message:
+        """The reply of `kind` to the current request; an error reply aborts the round, or is returned (`errors`)."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             if self.stop.is_set():
@@ -86,6 +106,8 @@ class RemoteBody:
             if (reply.round, reply.seq) != (self.round, self.seq):
                 continue                      # late or duplicated reply to an earlier request
             if reply.type == "error":
+                if errors:
+                    return reply
                 raise RoundAborted(f"the server refused the request: {reply.meta.get('reason')}")
             if reply.type != kind:
                 continue

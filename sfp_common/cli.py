@@ -99,6 +99,10 @@ def recipe_options(f: Callable) -> Callable:
         click.option("--token-noise", type=float, default=None,
                      help="A defence against inversion: Gaussian noise on the smashed patch tokens, std x their "
                           "RMS (sfp_common/defence.py; what it buys: sfp-audit)."),
+        click.option("--server-keeps-tokens", is_flag=True, default=None,
+                     help="Opt in to the server keeping each sample's patch tokens after their first upload, so later "
+                          "rounds send only ids and prompts (no head blocks; devices must agree too). The server "
+                          "can then rebuild the images exactly: README, Privacy."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -106,7 +110,7 @@ def recipe_options(f: Callable) -> Callable:
 
 
 RECIPE_OPTIONS = ("lr", "optimizer", "weight_decay", "momentum", "batch_size", "epochs", "prune", "keep", "select",
-                  "local_update", "local_epochs", "wire")
+                  "local_update", "local_epochs", "wire", "token_noise", "server_keeps_tokens")
 
 
 def recipe_from_options(base: Recipe, optimizer: str | None = None, weight_decay: float | None = None,

@@ -79,22 +79,30 @@ def feature_dtype(wire: str) -> type:
 @dataclass
 class SampleMemory:
     """What a client remembers of its own samples between rounds, and never sends: each sample's EL2N score and
-    the body features it received for it, both from the last time the sample went through split training."""
+    the body features it received for it, both from the last time the sample went through split training, and
+    whether the server keeps the sample's tokens (sfp_common/token_store.py; only when the federation opted in)."""
 
     scores: np.ndarray                   # [n] float64; NaN: never scored
     features: np.ndarray | None          # [n, T, D] in the wire's precision; None until the first features
     has_features: np.ndarray             # [n] bool
+    on_server: np.ndarray | None = None  # [n] bool: the tokens went up whole with their id (None: all False)
+
+    def __post_init__(self) -> None:
+        if self.on_server is None:
+            self.on_server = np.zeros(len(self.scores), bool)
 
     @classmethod
     def empty(cls, num_samples: int) -> SampleMemory:
         return cls(np.full(num_samples, np.nan), None, np.zeros(num_samples, bool))
 
     @classmethod
-    def shaped_like(cls, num_samples: int, unscored: int, cached: int) -> SampleMemory:
-        """A stand-in with the same counts of unscored and cached samples (counting a round needs no values)."""
+    def shaped_like(cls, num_samples: int, unscored: int, cached: int, on_server: int = 0) -> SampleMemory:
+        """A stand-in with the same counts of unscored, cached and server-kept samples (counting a round needs no
+        values)."""
         memory = cls.empty(num_samples)
         memory.scores[unscored:] = 0.0
         memory.has_features[:cached] = True
+        memory.on_server[:on_server] = True
         return memory
 
     def __len__(self) -> int:
@@ -115,10 +123,11 @@ class SampleMemory:
 
     def copy(self) -> SampleMemory:
         return SampleMemory(self.scores.copy(), None if self.features is None else self.features.copy(),
-                            self.has_features.copy())
+                            self.has_features.copy(), self.on_server.copy())
 
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        out = {f"{prefix}scores": self.scores, f"{prefix}has_features": self.has_features}
+        out = {f"{prefix}scores": self.scores, f"{prefix}has_features": self.has_features,
+               f"{prefix}on_server": self.on_server}
         if self.features is not None:
             out[f"{prefix}features"] = self.features
         return out
@@ -133,10 +142,11 @@ class SampleMemory:
         except KeyError:
             return None
         features = arrays.get(f"{prefix}features")
-        if scores.shape != (num_samples,) or has.shape != (num_samples,) or (
+        on_server = np.asarray(arrays.get(f"{prefix}on_server", np.zeros(num_samples, bool)), bool)  # older files
+        if scores.shape != (num_samples,) or has.shape != (num_samples,) or on_server.shape != (num_samples,) or (
                 features is not None and (features.ndim != 3 or len(features) != num_samples)):
             return None
-        return cls(scores.copy(), None if features is None else np.array(features), has.copy())
+        return cls(scores.copy(), None if features is None else np.array(features), has.copy(), on_server.copy())
 
 def choose_samples(recipe: Recipe, memory: SampleMemory, rng: np.random.Generator,
                    local_path_scores: Callable[[], np.ndarray | None]) -> np.ndarray:

@@ -22,6 +22,11 @@ implemented") says which choices are the paper's and which are ours, and bench/R
   - "none".
 `token_noise` is a defence against inversion of the smashed tokens, off by default (sfp_common/defence.py; what it
 costs and buys: bench/results/defences/ and bench/results/audit/).
+`server_keeps_tokens` trades privacy for traffic, off by default: with no head blocks the patch tokens are the same
+every round, so the body workers keep each sample's tokens from their first upload (sfp_common/token_store.py) and
+later batches send only the current prompts and the sample ids. The numbers trained are the same; the server then
+holds an exactly invertible copy of the device's images (README, "Privacy, plainly"). A device takes part only if
+its owner also agreed at enrollment, and only where its cut has no head blocks; it cannot go with token noise.
 The defaults (2 split passes, keep the hardest half by split-path EL2N, 5 passes of the tail on cached features)
 were chosen from the candidates measured in bench/results/phase1/: as accurate as split training alone with
 0.37x its bytes. "local-path" and "local-el2n" stay for the `sfprompt-paper-phase1` ablation.
@@ -56,6 +61,7 @@ class Recipe:
     local_epochs: int = 5
     wire: str = "fp16"              # smashed tokens and features; a device uses its profile's
     token_noise: float = 0.0        # a defence: Gaussian noise on the smashed patch tokens, std x their RMS
+    server_keeps_tokens: bool = False   # opt-in: after their first upload, samples travel as ids + the prompts
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -74,6 +80,11 @@ class Recipe:
                                      ("wire", self.wire, FLOAT_WIRES)):
             if value not in choices:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if not isinstance(self.server_keeps_tokens, bool):
+            raise ConfigError(f"server_keeps_tokens must be true or false, got {self.server_keeps_tokens!r}")
+        if self.server_keeps_tokens and self.token_noise:
+            raise ConfigError("token noise and tokens kept by the server do not go together: the server would keep "
+                              "the first round's noised tokens and reuse them, so the noise hides nothing new")
         if not isinstance(self.optimizer, OptimizerSpec):
             raise ConfigError(f"optimizer must be an OptimizerSpec, got {self.optimizer!r}")
 

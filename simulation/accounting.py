@@ -33,7 +33,8 @@ if _aten._scaled_dot_product_flash_attention_for_cpu not in flop_counter.flop_re
                                       **kwargs) -> int:
         return 2 * flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8,
+               "int32": torch.int32}      # int32: sample ids
 
 
 def encode(tensor: torch.Tensor, wire: str) -> list[torch.Tensor]:
@@ -49,6 +50,8 @@ def encode(tensor: torch.Tensor, wire: str) -> list[torch.Tensor]:
 
 
 def decode(parts: list[torch.Tensor], wire: str) -> torch.Tensor:
+    if wire == "int32":
+        return parts[0]
     if wire == "int8":
         values, scale = parts
         return values.float() * scale

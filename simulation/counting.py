@@ -20,8 +20,8 @@ from simulation.methods import ClientData, client_round, get_method
 def count_client_round(method_name: str, source: ModelSource, num_classes: int, spec: SplitSpec,
                        recipe: Recipe, num_samples: int, seed: int = 0, memory: SampleMemory | None = None,
                        traffic: str = "ours") -> ClientMeter:
-    """`memory`: which samples are scored and cached before the round; None: all of them (a round after the
-    first, what a client does from then on)."""
+    """`memory`: which samples are scored, cached and kept by the server (if the recipe asks it to) before the
+    round; None: all of them (a round after the first, what a client does from then on)."""
     method = get_method(method_name)
     if not method.uses_prompts:
         spec = SplitSpec(0, spec.head_blocks, spec.tail_blocks)
@@ -33,5 +33,5 @@ def count_client_round(method_name: str, source: ModelSource, num_classes: int, 
     y = torch.empty(num_samples, dtype=torch.long, device="meta")
     data = ClientData(x, y, x[:0], y[:0])
     if memory is None:
-        memory = SampleMemory.shaped_like(num_samples, 0, num_samples)
+        memory = SampleMemory.shaped_like(num_samples, 0, num_samples, num_samples)
     return client_round(model, method, recipe, data, np.random.default_rng(seed), memory, traffic).meter

@@ -24,6 +24,7 @@ from sfp_common.preprocess import preprocess
 from sfp_common.pruning import SampleMemory
 from sfp_common.recipe import Recipe
 from sfp_common.strategy import FedAvgStrategy
+from sfp_common.token_store import TokenStore
 from simulation.counting import count_client_round
 from simulation.methods import (TRAFFIC_VARIANTS, ClientData, Method, client_round, defended, get_method,
                                 named_params)
@@ -129,7 +130,7 @@ class Federation:
         self.y_test = torch.from_numpy(data.test.labels)
         shards = partition(train_set.labels, cfg.clients, cfg.alpha, self.rng)
         self.num_classes = len(data.classes)
-        self._flops: dict[tuple[int, int, int, int], int] = {}
+        self._flops: dict[tuple[int, ...], int] = {}
         self.clients: list[ClientData] = []
         self.train_set = train_set                      # raw images, so a device can be given the same share
         self.client_indices: list[tuple[np.ndarray, np.ndarray]] = []   # per client: train, local test
@@ -138,13 +139,16 @@ class Federation:
             self.client_indices.append((train, test))
             self.clients.append(ClientData(x_train[train], y_train[train], x_train[test], y_train[test]))
         self.memories = [SampleMemory.empty(c.num_train) for c in self.clients]
+        # the server's tokens of each client, kept when the recipe opts in (no budget: the reference never forgets)
+        self.token_stores = [TokenStore(max_bytes=2**63) for _ in self.clients]
 
     def client_flops(self, memory: SampleMemory, head_blocks: int | None = None) -> int:
         """A client's FLOPs for a round, counted by running its round on meta tensors (equal to a real round's
         count, see tests/test_accounting.py), once per cut, local sample count and number of samples scored and
-        cached before the round (what pruning and the cached-feature update depend on)."""
+        cached before the round (what pruning and the cached-feature update depend on), and kept by the server."""
         spec = self.model.spec if head_blocks is None else self.cuts[head_blocks].spec
-        key = (spec.head_blocks, len(memory), int(np.isnan(memory.scores).sum()), int(memory.has_features.sum()))
+        key = (spec.head_blocks, len(memory), int(np.isnan(memory.scores).sum()), int(memory.has_features.sum()),
+               int(memory.on_server.sum()))
         if key not in self._flops:
             self._flops[key] = count_client_round(
                 self.cfg.method, self.source, self.num_classes, spec, self.cfg.recipe, key[1],
@@ -176,7 +180,8 @@ class Federation:
             flops = self.client_flops(self.memories[client], self.client_cut[client])
             result = client_round(self.cuts[self.client_cut[client]], self.method, plan.recipe,
                                   self.clients[client], np.random.default_rng(plan.seed),
-                                  self.memories[client], self.cfg.traffic, count_flops=False)
+                                  self.memories[client], self.cfg.traffic, count_flops=False,
+                                  token_store=self.token_stores[client])
             result.meter.flops = flops
             uploads.append({name: t.numpy() for name, t in result.upload.items()})
             server_states.append(state_of(self.server_params))

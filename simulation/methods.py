@@ -20,6 +20,7 @@ from sfp_common.defence import noise_generator, token_noise
 from sfp_common.errors import ConfigError
 from sfp_common.pruning import SampleMemory, choose_samples, el2n_scores
 from sfp_common.recipe import Recipe
+from sfp_common.token_store import TokenStore, reuses_tokens
 from simulation.accounting import ClientMeter
 
 TRAFFIC_VARIANTS = ("ours", "paper")
@@ -124,20 +125,50 @@ def defended(model: SplitViT, scale: float, smashed: torch.Tensor, noise: np.ran
     return smashed + torch.from_numpy(token_noise(smashed.detach().numpy(), model.head.first_patch, scale, noise))
 
 
+@dataclass
+class KeptTokens:
+    """The server's side of `Recipe.server_keeps_tokens` for one batch: its store of this client's tokens, the
+    batch's sample ids, and whether the batch travels as ids + prompts (the server holds all of it) or whole."""
+
+    store: TokenStore
+    ids: np.ndarray
+    reuse: bool
+
+
+def token_shape(model: SplitViT) -> tuple[int, int]:
+    """[N, D] of one sample's smashed tokens: cls/registers, prompts, patches."""
+    head = model.head
+    return head.first_patch + head.embedding.patch_embed.num_patches, head.prompts.shape[1]
+
+
 def split_step(model: SplitViT, method: Method, recipe: Recipe, x: torch.Tensor, y: torch.Tensor,
                meter: ClientMeter, client_opt: torch.optim.Optimizer,
                server_opt: torch.optim.Optimizer | None, traffic: str = "ours",
-               embedded: torch.Tensor | None = None, noise: np.random.Generator | None = None) -> SplitBatch:
+               embedded: torch.Tensor | None = None, noise: np.random.Generator | None = None,
+               kept_tokens: KeptTokens | None = None) -> SplitBatch:
     """One batch of split training: head on the client, body on the server, tail on the client, and back.
     `embedded`: the batch's embedded tokens, computed earlier in the round (no head blocks): only the prompts are
-    put in here. `noise`: the round's noise stream when the recipe defends the tokens."""
+    put in here. `noise`: the round's noise stream when the recipe defends the tokens. `kept_tokens`: the
+    server keeps tokens (no head blocks): the batch's ids go up too, and only the prompts when it holds them."""
     ours = traffic == "ours"
     act_wire = recipe.wire if ours else "fp32"
     with meter.client_compute():
         client_opt.zero_grad()
-        smashed = model.head(x) if embedded is None else model.head.blocks(model.head.attach_prompts(embedded))
-        sent = defended(model, recipe.token_noise, smashed, noise)
-    tokens = meter.up(sent, act_wire).requires_grad_(True)                        # server
+        if kept_tokens is None or not kept_tokens.reuse:
+            smashed = model.head(x) if embedded is None else model.head.blocks(model.head.attach_prompts(embedded))
+            sent = defended(model, recipe.token_noise, smashed, noise)
+    if kept_tokens is not None:
+        meter.up(torch.from_numpy(kept_tokens.ids), "int32")
+    if kept_tokens is not None and kept_tokens.reuse:                             # server: the kept tokens
+        prompts = meter.up(model.head.prompts, act_wire)
+        tokens = (torch.empty(len(kept_tokens.ids), *token_shape(model), device="meta") if prompts.is_meta else
+                  torch.from_numpy(kept_tokens.store.rebuild("client", kept_tokens.ids, prompts.numpy(),
+                                                             model.head.num_prefix_tokens)))
+        tokens.requires_grad_(True)
+    else:
+        tokens = meter.up(sent, act_wire).requires_grad_(True)                    # server
+        if kept_tokens is not None and not tokens.is_meta:
+            kept_tokens.store.put("client", kept_tokens.ids, tokens.detach().numpy(), act_wire)
     body_out = model.body(tokens)
     needed = body_out[:, model.tail.pooled_positions(body_out.shape[1])] if ours else body_out
     features = meter.down(needed, act_wire).requires_grad_(True)                  # client
@@ -194,10 +225,12 @@ def feature_shape(model: SplitViT, traffic: str) -> tuple[int, int]:
 
 
 def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientData, rng: np.random.Generator,
-                 memory: SampleMemory | None = None, traffic: str = "ours", count_flops: bool = True) -> ClientResult:
+                 memory: SampleMemory | None = None, traffic: str = "ours", count_flops: bool = True,
+                 token_store: TokenStore | None = None) -> ClientResult:
     """One client's whole round. `model` holds the global state; its trainable tensors cross the wire both ways.
     `memory` is the client's own record of its samples (sfp_common/pruning.py), updated in place; on meta tensors
-    (counting) it only says which samples are scored and cached."""
+    (counting) it only says which samples are scored, cached and kept by the server. `token_store`: the server's
+    tokens of this client, kept across rounds when the recipe says so (a fresh one: none kept yet)."""
     meter = ClientMeter(count_flops=count_flops)
     memory = memory if memory is not None else SampleMemory.empty(data.num_train)
     client_params = named_params(model, method.client_parts)
@@ -226,7 +259,10 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
                 local_step(model, data.x_train[i], data.y_train[i], meter, client_opt, model.forward_local)
     counting = data.x_train.is_meta
     embedded = None
-    if _sends_prompt_gradient_only(model, method, traffic) and len(kept):
+    # with no head blocks the server can keep each sample's tokens; then the device embeds only whole batches
+    keeps = recipe.server_keeps_tokens and _sends_prompt_gradient_only(model, method, traffic)
+    store = token_store if token_store is not None else TokenStore()
+    if _sends_prompt_gradient_only(model, method, traffic) and len(kept) and not keeps:
         # the frozen embedding, prompt-free with no head blocks: once per kept sample per round, as a device does
         with meter.client_compute(), torch.no_grad():
             embedded = model.head.embed(data.x_train[torch.from_numpy(kept)])
@@ -234,9 +270,15 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
         loss_sum = torch.zeros(())
         for i in batch_order(len(kept), bs, rng):
             idx = torch.from_numpy(kept[i])
+            batch_embedded, kept_tokens = None if embedded is None else embedded[torch.from_numpy(i)], None
+            if keeps:
+                kept_tokens = KeptTokens(store, kept[i], reuses_tokens(memory.on_server[kept[i]]))
+                if not kept_tokens.reuse:
+                    with meter.client_compute(), torch.no_grad():
+                        batch_embedded = model.head.embed(data.x_train[idx])
+                    memory.on_server[kept[i]] = True
             step = split_step(model, method, recipe, data.x_train[idx], data.y_train[idx], meter, client_opt,
-                              server_opt, traffic, None if embedded is None else embedded[torch.from_numpy(i)],
-                              noise)
+                              server_opt, traffic, batch_embedded, noise, kept_tokens)
             loss_sum = loss_sum + step.loss_sum
             if not counting:
                 memory.record(kept[i], step.logits.numpy(), data.y_train[idx].numpy(), step.features.numpy(),

@@ -18,17 +18,36 @@ from sfp_common.batching import client_seed
 from simulation.engine import Federation, SimConfig, state_of
 from sfp_common.pruning import SampleMemory
 from simulation.methods import METHODS
+from sfp_common.token_store import TokenStore
 from wire_protocol.contracts import RoundPlan
 
 
 class TorchBody:
-    """The server's half of a split batch in PyTorch, crossing the wire as the reference's meter does."""
+    """The server's half of a split batch in PyTorch, crossing the wire as the reference's meter does; it keeps
+    tokens sent with ids, as a body worker does (sfp_common/token_store.py)."""
 
     def __init__(self, model: SplitViT, wire: str) -> None:
         self.model, self.wire = model, wire
+        self.store, self.sent = TokenStore(), {"whole": 0, "kept": 0, "missing": 0}
 
-    def forward(self, tokens: np.ndarray) -> np.ndarray:
-        self.tokens = decode(encode(torch.from_numpy(tokens), self.wire), self.wire).requires_grad_(True)
+    def forward(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        self.sent["whole"] += 1
+        decoded = decode(encode(torch.from_numpy(tokens), self.wire), self.wire)
+        if ids is not None:
+            self.store.put("device", ids, decoded.numpy(), self.wire)
+        return self._body(decoded)
+
+    def forward_kept(self, prompts: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        if self.store.missing("device", ids):
+            self.sent["missing"] += 1
+            return None
+        self.sent["kept"] += 1
+        prompts = decode(encode(torch.from_numpy(prompts), self.wire), self.wire).numpy()
+        return self._body(torch.from_numpy(self.store.rebuild("device", ids, prompts,
+                                                              self.model.head.num_prefix_tokens)))
+
+    def _body(self, tokens: torch.Tensor) -> np.ndarray:
+        self.tokens = tokens.requires_grad_(True)
         body_out = self.model.body(self.tokens)
         self.needed = body_out[:, self.model.tail.pooled_positions(body_out.shape[1])]
         return decode(encode(self.needed, self.wire), self.wire).numpy()
@@ -112,3 +131,62 @@ def test_with_no_head_blocks_a_device_embeds_each_kept_sample_once_per_round(dig
     assert sum(embedded[0]) == result.kept * train.epochs           # every pass
     for name, value in uploads[None].items():
         np.testing.assert_allclose(uploads[0][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_device_whose_tokens_the_server_keeps_reproduces_the_reference(digits_checkpoint, tmp_path):
+    """Recipe.server_keeps_tokens with the owner's consent: round 1 sends every batch whole (with ids), later
+    rounds only ids and prompts, and the federation equals the reference (which keeps them the same way). A server
+    that lost the tokens (restarted before round 3) says so, and the device sends those batches whole again."""
+    train = METHODS["sfprompt"].recipe.but(lr=3e-3, batch_size=16, epochs=2, wire="fp16", server_keeps_tokens=True)
+    cfg = SimConfig(method="sfprompt", dataset="digits", model=digits_checkpoint, clients=2, rounds=3, alpha=0.5,
+                    seed=7, spec=SplitSpec(2, 0, 0), recipe=train, train_samples=200)
+    fed = Federation(cfg)
+    export_bundle(copy.deepcopy(fed.model), fed.preprocessing, tmp_path / "bundle", "digits", train.optimizer)
+    runtime = open_runtime(tmp_path / "bundle")
+    servers = [TorchBody(copy.deepcopy(fed.model), train.wire) for _ in fed.clients]
+    memories = [SampleMemory.empty(c.num_train) for c in fed.clients]
+    global_state = state_of(fed.client_params)
+    for r in range(1, cfg.rounds + 1):
+        reference = fed.run_round(r)
+        if r == 3:
+            servers[0].store = TokenStore()                  # client 0's worker restarted: it holds nothing
+        uploads, counts = [], []
+        for c in reference["participants"]:
+            before = dict(servers[c].sent)
+            runtime.load_trainables(global_state)
+            data = fed.clients[c]
+            result = run_round(runtime, data.x_train.numpy(), data.y_train.numpy(),
+                               RoundPlan(train, client_seed(cfg.seed, r, c)), servers[c], memories[c],
+                               owner_agrees=True)
+            uploads.append(result.upload)
+            counts.append(result.num_samples)
+            sent = {k: servers[c].sent[k] - before[k] for k in before}
+            batches = train.epochs * -(-result.kept // train.batch_size)
+            if r == 1:     # everything is new: the first pass goes whole, the second finds it kept
+                assert sent == {"whole": batches // 2, "kept": batches // 2, "missing": 0}, sent
+            elif r == 3 and c == 0:
+                assert sent["missing"] > 0 and sent["whole"] == sent["missing"], sent
+            else:
+                assert sent == {"whole": 0, "kept": batches, "missing": 0}, sent
+            np.testing.assert_array_equal(memories[c].on_server, fed.memories[c].on_server)
+        global_state = fedavg(uploads, counts)
+        expected = state_of(fed.client_params)
+        worst = max(float(np.abs(global_state[n] - v).max() / np.abs(v).max()) for n, v in expected.items())
+        print(f"round {r}: worst max relative error of the global prompts and tail {worst:.1e}")
+        assert worst <= 1e-4, r
+
+
+def test_a_device_whose_owner_did_not_agree_sends_its_tokens_every_round(digits_checkpoint, tmp_path):
+    train = METHODS["sfprompt"].recipe.but(lr=3e-3, batch_size=16, epochs=2, wire="fp16", server_keeps_tokens=True)
+    cfg = SimConfig(method="sfprompt", dataset="digits", model=digits_checkpoint, clients=1, rounds=1,
+                    seed=7, spec=SplitSpec(2, 0, 0), recipe=train, train_samples=100)
+    fed = Federation(cfg)
+    export_bundle(copy.deepcopy(fed.model), fed.preprocessing, tmp_path / "bundle", "digits", train.optimizer)
+    runtime = open_runtime(tmp_path / "bundle")
+    runtime.load_trainables(state_of(fed.client_params))
+    server, data = TorchBody(copy.deepcopy(fed.model), train.wire), fed.clients[0]
+    memory = SampleMemory.empty(data.num_train)
+    memory.on_server[:] = True                              # even so: no consent, no ids
+    run_round(runtime, data.x_train.numpy(), data.y_train.numpy(), RoundPlan(train, 1), server, memory)
+    assert server.sent["kept"] == 0 and server.sent["whole"] > 0 and not server.store.bytes
+    assert not memory.on_server.any()

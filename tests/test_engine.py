@@ -143,3 +143,38 @@ def test_devices_cut_at_different_depths_train_the_same_function(digits_checkpoi
     assert mixed_flops[0] == uniform_flops[0] < mixed_flops[1] < mixed_flops[2]
     assert mixed_report["rounds"][-1]["bytes_down"] > uniform_report["rounds"][-1]["bytes_down"]
     assert mixed.model.head.prompts is mixed.cuts[2].head.prompts           # one tensor, trained by every cut
+
+
+@pytest.mark.parametrize("wire", ["fp16", "int8"])
+def test_tokens_kept_by_the_server_train_the_same_numbers_with_ids_and_prompts_up(digits_checkpoint, wire):
+    """Recipe.server_keeps_tokens: every wire encodes per element or per token, so the tokens the server rebuilds
+    from those it kept and the batch's prompts are exactly what the device would have sent. The federation trains
+    the same numbers, bit for bit; round 1 sends each sample's tokens once (first pass) with its id, and from then
+    on a batch costs its ids (4 B each) and the prompts in the wire's precision instead of its tokens."""
+    runs = {}
+    for keeps in (False, True):
+        cfg = config(digits_checkpoint, clients=2, alpha=None, rounds=3,
+                     recipe=METHODS["sfprompt"].recipe.but(lr=3e-3, batch_size=16, epochs=2, wire=wire,
+                                                           server_keeps_tokens=keeps))
+        fed = Federation(cfg)
+        runs[keeps] = fed, fed.run()
+    (plain, plain_report), (kept, kept_report) = runs[False], runs[True]
+    for name, value in state_of(plain.client_params).items():
+        np.testing.assert_array_equal(state_of(kept.client_params)[name], value, err_msg=name)
+    assert [r["accuracy"] for r in kept_report["rounds"]] == [r["accuracy"] for r in plain_report["rounds"]]
+    P, D, N = 2, 32, 1 + 2 + 4
+    token_bytes = N * D * 2 if wire == "fp16" else N * (D + 4)
+    prompt_bytes = P * D * 2 if wire == "fp16" else P * (D + 4)
+    for r, (a, b) in enumerate(zip(plain_report["rounds"], kept_report["rounds"]), 1):
+        assert b["bytes_down"] == a["bytes_down"]
+        saved = []
+        for c in kept.clients:
+            kept_samples = c.num_train if r == 1 else math.ceil(0.5 * c.num_train)
+            batches = math.ceil(kept_samples / 16)
+            whole = c.num_train if r == 1 else 0           # first pass of round 1: every sample, once
+            rebuilt_batches = batches if r == 1 else 2 * batches
+            sent = whole * token_bytes + 2 * kept_samples * 4 + rebuilt_batches * prompt_bytes
+            saved.append(2 * kept_samples * token_bytes - sent)
+        assert a["bytes_up"] - b["bytes_up"] == np.mean(saved), r
+    assert kept_report["rounds"][-1]["bytes_up"] < 0.5 * plain_report["rounds"][-1]["bytes_up"]
+    assert kept_report["rounds"][-1]["client_flops"] < plain_report["rounds"][-1]["client_flops"]

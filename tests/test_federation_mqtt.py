@@ -30,6 +30,8 @@ from sfp_common.recipe import Recipe
 from wire_protocol.link import BrokerAccess, Link, LinkError, wait_for
 from wire_protocol.topics import Topics
 
+import ejabberd_cluster
+
 DEVICES = 3
 ROUNDS = 2
 # SFPrompt's recipe, with what the server is told below: a smaller learning rate, one split pass, weight decay.
@@ -98,7 +100,10 @@ class Run:
     def __init__(self, setup: dict, broker: str, name: str, workers: int = 1, rounds: int = ROUNDS,
                  batch_sizes: tuple[int, ...] = (TRAIN.batch_size,) * DEVICES, tls: bool = False,
                  own_broker: bool = False, wire: str = TRAIN.wire, head_blocks: int = 0,
-                 device_cuts: tuple[int, ...] = (0,) * DEVICES) -> None:
+                 device_cuts: tuple[int, ...] = (0,) * DEVICES, keep_tokens: bool = False,
+                 device_broker: str | None = None, login: bool = False) -> None:
+        """`device_broker`: where the devices connect, if not where the server does (another node of a cluster).
+        `login`: the server and its workers log in as sfp-server (a broker that takes no anonymous clients)."""
         self.setup, self.name = setup, name
         self.folder = setup["root"] / name
         self.folder.mkdir()
@@ -119,16 +124,21 @@ class Run:
             reload = ["--broker-reload", f"kill -HUP {self.own_broker.process.pid}"]
             ca = ["--ca", str(security / "ca.crt")]
         self.broker = broker
+        service = []
+        if login:
+            (self.folder / "server.password").write_text("service secret\n")
+            service = ["--password-file", str(self.folder / "server.password")]
         model = ["--model", setup["checkpoint"], "--classes", "10", "--prompts", "2", "--seed", "7",
                  "--head-blocks", str(head_blocks), "--federation", name, "--broker", broker]
-        self.server_args = [*cli, "serve", *model, *reload, "--state", str(state),
+        self.server_args = [*cli, "serve", *model, *reload, *service, "--state", str(state),
                             "--rounds", str(rounds), "--optimizer", "adamw", "--lr", str(TRAIN.lr),
                             "--weight-decay", str(TRAIN.optimizer.weight_decay), "--epochs", "1",
                             "--keep", str(TRAIN.keep), "--min-devices", str(DEVICES),
                             "--deadline", "60", "--max-packet", "16384",
-                            "--backends", ",".join(sorted(set(backends())))]
+                            "--backends", ",".join(sorted(set(backends()))),
+                            *(["--server-keeps-tokens"] if keep_tokens else [])]
         self.server = self.spawn("server", self.server_args)
-        service = [*ca, "--password-file", str(security / "server.password")] if tls else []
+        service = [*ca, "--password-file", str(security / "server.password")] if tls else service
         for w in range(workers - 1):
             self.spawn(f"worker{w}", [*cli, "worker", *model, *service, "--worker-id", f"extra{w}",
                                       "--max-packet", "16384"])
@@ -139,11 +149,12 @@ class Run:
                                     f"dev-{c}", *reload], env=ENV, capture_output=True, text=True)
             assert token.returncode == 0, token.stderr
             enrolled = subprocess.run(
-                [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", broker, *ca,
+                [device_python(backend), "-m", "edge_client.cli", "enroll", "--broker", device_broker or broker, *ca,
                  "--token", token.stdout.strip(),
                  "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire, device_cuts[c])),
                  "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
-                 "--state", str(device_state), "--timeout", "120"],
+                 "--state", str(device_state), "--timeout", "120",
+                 *(["--let-server-keep-tokens"] if keep_tokens else [])],
                 env=ENV, capture_output=True, text=True, timeout=180)
             assert enrolled.returncode == 0, enrolled.stderr
             self.devices.append(self.spawn(f"device{c}", [device_python(backend), "-m", "edge_client.cli", "run",
@@ -285,6 +296,60 @@ def test_int8_tokens_through_the_mqtt_federation_give_the_reference_numbers(setu
         assert reference[-1]["bytes_up"] < fp16["bytes_up"]        # int8 tokens went up, not fp16 ones
     finally:
         run.close()
+
+
+def test_tokens_kept_by_the_server_give_the_reference_numbers_with_ids_and_prompts_up(setup, broker):
+    """The opt-in traffic (issue 15): `serve --server-keeps-tokens` and devices enrolled with
+    `--let-server-keep-tokens`. Round 1 sends every batch whole with its ids and the worker keeps the tokens;
+    round 2 sends ids and prompts only. The global tensors equal the plain federation's reference (the same numbers
+    are trained), and every round's bytes equal the reference run with the same opt-in."""
+    fed = reference_federation(setup["checkpoint"], TRAIN.but(server_keeps_tokens=True))
+    reference = [fed.run_round(r) for r in range(1, ROUNDS + 1)]
+    run = Run(setup, broker, "fed-kept", keep_tokens=True)
+    try:
+        summaries = run.finish()
+        error = worst_error(global_state(run.folder), setup["final"])
+        print(f"tokens kept by the server: worst relative error of the global prompts and tail after {ROUNDS} "
+              f"rounds {error:.1e}; tensor bytes up per device {[s['payload_up'] for s in summaries]} against "
+              f"{[r['bytes_up'] for r in setup['reference']]} without")
+        assert error <= 1e-4, run.logs()
+        for summary, ref in zip(summaries, reference):
+            assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
+        assert summaries[-1]["payload_up"] < 0.5 * setup["reference"][-1]["bytes_up"]
+        # round 2's batches (one pass over the kept half), each rebuilt by the one worker
+        rebuilt = sum(-(-int(np.ceil(TRAIN.keep * c.num_train)) // TRAIN.batch_size) for c in fed.clients)
+        assert [w["rebuilt"] for w in retained(broker, Topics(run.name).worker_status("+")).values()] == [rebuilt]
+    finally:
+        run.close()
+
+
+def test_a_clustered_broker_carries_the_federation_between_its_nodes(setup):
+    """Issue 16: a real clustered broker, two ejabberd nodes on loopback (tests/ejabberd_cluster.py). The server and
+    its body worker on node b, the three devices on node a: every enrollment, round plan, split batch, update and
+    evaluation crosses the cluster, and the federation ends where the reference does, byte for byte. ejabberd has
+    no shared subscriptions: the worker reads that from the broker's CONNACK and takes the forwards on a plain
+    subscription (one worker per federation there)."""
+    why = ejabberd_cluster.available()
+    if why:
+        pytest.skip(why)
+    cluster = ejabberd_cluster.EjabberdCluster().start()
+    run = None
+    try:
+        run = Run(setup, cluster.urls["b"], "fed-cluster", device_broker=cluster.urls["a"], login=True)
+        summaries = run.finish()
+        error = worst_error(global_state(run.folder), setup["final"])
+        print(f"ejabberd cluster, devices on node a, server on node b: worst relative error of the global prompts and "
+              f"tail after {ROUNDS} rounds {error:.1e}")
+        assert error <= 1e-4, run.logs()
+        for summary, ref in zip(summaries, setup["reference"]):
+            assert summary["participants"] == [f"dev-{c}" for c in range(DEVICES)]
+            assert summary["payload_up"] == ref["bytes_up"] and summary["payload_down"] == ref["bytes_down"]
+            assert summary["evaluated_on"] > 0
+        assert "offers no shared subscriptions" in run.logs()
+    finally:
+        if run is not None:
+            run.close()
+        cluster.stop()
 
 
 def watch(broker: str, name: str) -> tuple[Link, dict]:

@@ -275,3 +275,57 @@ def test_prometheus_after_a_real_round_agrees_with_the_round_summaries(server):
     assert after["sfp_bytes_received_total"] - before["sfp_bytes_received_total"] >= sent   # the update came in
     assert after["sfp_bytes_sent_total"] > before["sfp_bytes_sent_total"]     # the round plan and evaluation
     assert after["sfp_devices_online"] == 1
+
+
+def test_a_worker_keeps_tokens_sent_with_ids_and_rebuilds_them_from_the_prompts(server):
+    """The opt-in traffic (Recipe.server_keeps_tokens) at the body worker: ids + prompts before the tokens were
+    sent get "missing" (not a refusal: the device sends the batch whole); tokens sent with ids are kept, and ids +
+    new prompts then give exactly the features of the tokens with those prompts put in. Malformed kept-token
+    requests are refused with their reason, and the worker goes on serving."""
+    coordinator, worker, device = server
+    topics, rng = Topics(FED), np.random.default_rng(2)
+    replies = queue.Queue()
+    for kind in ("features", "error"):
+        device.subscribe(topics.down("dev", kind), lambda t, m: replies.put(m))
+    time.sleep(0.2)
+    first, count, dim = worker.compute.first_prompt, worker.compute.prompts, worker.embed_dim
+    tokens = rng.standard_normal((3, worker.num_tokens, dim)).astype(np.float32)
+    ids = np.array([7, 3, 11], np.int32)
+    prompts = rng.standard_normal((count, dim)).astype(np.float32)
+
+    def ask(seq: int, tensors: dict, wires: dict | None = None, meta: dict | None = None) -> Message:
+        device.send(topics.forward("dev"), Message("forward", "dev", 1, seq, {"evaluate": True, **(meta or {})},
+                                                   tensors, {"ids": "int32", **(wires or {})}))
+        reply = replies.get(timeout=30)
+        assert reply.seq == seq
+        return reply
+
+    refused = refusals(coordinator, worker)
+    missing = ask(600, {"prompts": prompts, "ids": ids})
+    assert missing.type == "error" and missing.meta["missing"] is True
+    assert ask(601, {"tokens": tokens, "ids": ids}).type == "features"
+    rebuilt = ask(602, {"prompts": prompts, "ids": ids[::-1].copy()})
+    expected = tokens[::-1].copy()
+    expected[:, first:first + count] = prompts
+    direct = ask(603, {"tokens": expected})
+    assert rebuilt.type == direct.type == "features"
+    np.testing.assert_array_equal(rebuilt.tensors["features"], direct.tensors["features"])
+    assert refusals(coordinator, worker) == refused and worker.served["rebuilt"] >= 1
+
+    bad = [
+        ("ids and tokens of different lengths", {"tokens": tokens, "ids": ids[:2].copy()}, {}),
+        ("negative ids", {"tokens": tokens, "ids": np.array([1, -2, 3], np.int32)}, {}),
+        ("repeated ids", {"tokens": tokens, "ids": np.array([1, 1, 3], np.int32)}, {}),
+        ("ids as floats", {"tokens": tokens, "ids": ids.astype(np.float32)}, {"ids": "fp32"}),
+        ("prompts of the wrong shape", {"prompts": prompts[:1].copy(), "ids": ids}, {}),
+        ("prompts without ids", {"prompts": prompts}, {}),
+        ("tokens and prompts together", {"tokens": tokens, "prompts": prompts, "ids": ids}, {}),
+    ]
+    for seq, (label, tensors, wires) in enumerate(bad, 610):
+        reply = ask(seq, tensors, wires)
+        assert reply.type == "error" and not reply.meta.get("missing"), label
+    assert refusals(coordinator, worker) - refused == len(bad)
+    reasons = " ".join(r for _, r in list(worker.link.recent_refusals)[-len(bad):])
+    for needle in ("ids are distinct int32", "kept tokens needs their ids and prompts", "either tokens or"):
+        assert needle in reasons, (needle, reasons)
+    assert ask(620, {"prompts": prompts, "ids": ids}).type == "features"         # still serving

@@ -60,6 +60,8 @@ def test_a_plan_crosses_the_wire_whole():
     lambda p: {**p, "recipe": {**p["recipe"], "prune": "magic"}},
     lambda p: {**p, "recipe": {**p["recipe"], "local_update": None}},
     lambda p: {**p, "recipe": {**p["recipe"], "wire": "fp8"}},
+    lambda p: {**p, "recipe": {**p["recipe"], "server_keeps_tokens": "yes"}},
+    lambda p: {**p, "recipe": {**p["recipe"], "server_keeps_tokens": True, "token_noise": 0.5}},
     lambda p: {**p, "recipe": {**p["recipe"], "optimizer": {"name": "lion"}}},
     lambda p: {**p, "recipe": {**p["recipe"], "optimizer": "adamw"}},
     lambda p: {**p, "recipe": [1, 2]},
@@ -76,7 +78,7 @@ def serve_config(*args: str) -> FederationConfig:
     ctx = serve.make_context("serve", list(args))
     params = {k: v for k, v in ctx.params.items() if k not in (
         "broker", "torch_device", "body_dtype", "ca", "username", "password_file", "broker_reload", "workers",
-        "max_packet", "metrics_port")}
+        "max_packet", "metrics_port", "token_store_mb")}
     return federation_config(**params)
 
 
@@ -98,3 +100,10 @@ def test_serve_defaults_are_the_federation_configs_and_a_toml_file_sets_them(tmp
     toml.write_text("rounds = [")
     with pytest.raises(click.BadParameter, match="cannot read"):
         serve_config("--config", str(toml))
+
+
+def test_tokens_kept_by_the_server_are_an_opt_in_that_noise_rules_out():
+    assert Recipe().server_keeps_tokens is False
+    assert recipe_from_options(Recipe(), server_keeps_tokens=True).server_keeps_tokens is True
+    with pytest.raises(ConfigError, match="do not go together"):
+        Recipe(server_keeps_tokens=True, token_noise=0.25)

@@ -1,4 +1,5 @@
-"""How a float32 tensor travels: as fp32, fp16, bf16, or int8 with one fp32 scale per row (last axis).
+"""How a float32 tensor travels: as fp32, fp16, bf16, or int8 with one fp32 scale per row (last axis); sample
+ids travel as int32.
 
 Bit for bit the encoding of the reference federation's meter (simulation/accounting.py, in torch), so a device
 and the server decode exactly what the reference's receiver decoded: fp16 and bf16 round to nearest even, int8
@@ -10,7 +11,7 @@ import math
 
 import numpy as np
 
-WIRES = ("fp32", "fp16", "bf16", "int8", "bytes")
+WIRES = ("fp32", "fp16", "bf16", "int8", "bytes", "int32")
 FLOAT_WIRES = WIRES[:4]
 
 
@@ -31,6 +32,11 @@ def encode(tensor: np.ndarray, wire: str) -> list[np.ndarray]:
     if wire == "bytes":
         return [np.frombuffer(bytes(tensor), np.uint8) if not isinstance(tensor, np.ndarray) else
                 np.ascontiguousarray(tensor).view(np.uint8).reshape(-1)]
+    if wire == "int32":
+        ids = np.asarray(tensor)
+        if ids.dtype.kind not in "iu" or (ids.size and (ids.min() < -2**31 or ids.max() >= 2**31)):
+            raise ValueError(f"int32 carries integers that fit 32 bits, got {ids.dtype} values")
+        return [ids.astype("<i4")]
     x = np.ascontiguousarray(tensor, dtype=np.float32)
     if wire == "fp32":
         return [x.astype("<f4", copy=False)]      # no copy: the message copies it into its buffer
@@ -48,7 +54,7 @@ def encode(tensor: np.ndarray, wire: str) -> list[np.ndarray]:
     raise ValueError(f"unknown wire encoding {wire!r}; choose one of {', '.join(WIRES)}")
 
 
-_F32, _F16, _U16, _I8, _U8 = (np.dtype(t) for t in ("<f4", "<f2", "<u2", np.int8, np.uint8))
+_F32, _F16, _U16, _I8, _U8, _I32 = (np.dtype(t) for t in ("<f4", "<f2", "<u2", np.int8, np.uint8, "<i4"))
 
 
 def part_layout(shape: tuple[int, ...], wire: str) -> list[tuple[np.dtype, tuple[int, ...]]]:
@@ -64,12 +70,14 @@ def part_layout(shape: tuple[int, ...], wire: str) -> list[tuple[np.dtype, tuple
         return [(_I8, rows), (_F32, (*rows[:-1], 1))]
     if wire == "bytes":
         return [(_U8, shape)]
+    if wire == "int32":
+        return [(_I32, shape)]
     raise ValueError(f"unknown wire encoding {wire!r}; choose one of {', '.join(WIRES)}")
 
 
 def decode(parts: list[np.ndarray], wire: str, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 for the float wires (what the receiver computes with); uint8 for bytes."""
-    if wire == "bytes":
+    """float32 for the float wires (what the receiver computes with); uint8 for bytes, int32 for ids."""
+    if wire in ("bytes", "int32"):
         return parts[0]
     if wire == "fp32":
         return parts[0].astype(np.float32, copy=False)   # a view of the received bytes when it can be

@@ -102,6 +102,9 @@ class Link:
         self.on_disconnect: Callable[[], None] | None = None     # when an established connection drops
         self._connections = 0
         self._up = False           # connected, and the owner's on_connect has run
+        # MQTT 5 shared subscriptions ($share/...), unless the broker's CONNACK says it has none (ejabberd's
+        # mod_mqtt closes a session that asks for one)
+        self.shared_subscriptions = True
         self._connect_error: str | None = None
         self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -163,6 +166,7 @@ class Link:
                                    "check the account and its password")
             self._connected.set()
             return
+        self.shared_subscriptions = bool(getattr(properties, "SharedSubscriptionAvailable", 1))
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # paho never sets it: 64 KB stalls

@@ -75,8 +75,11 @@ class Topics:
     def all_presence(self) -> str:
         return f"{self.base}/devices/+/presence"
 
+    def all_forward(self) -> str:
+        return f"{self.base}/body/+/forward"
+
     def shared_forward(self) -> str:
-        return f"$share/{SHARED_GROUP}/{self.base}/body/+/forward"
+        return f"$share/{SHARED_GROUP}/{self.all_forward()}"
 
     def round_summary_filter(self) -> str:
         return f"{self.base}/rounds/+"

@@ -43,3 +43,16 @@ def test_a_memory_for_other_data_or_unreadable_is_dropped(tmp_path):
     assert not DeviceMemory(tmp_path, 5).begin(2).has_features.any()        # the data folder changed
     (tmp_path / FILE).write_bytes(b"not an npz")
     assert not DeviceMemory(tmp_path, 4).begin(2).has_features.any()
+
+
+def test_which_samples_the_server_keeps_survives_a_restart_and_older_files_read_as_none(tmp_path):
+    store = DeviceMemory(tmp_path, 4)
+    memory = trained(store.begin(1), [0, 1], 3.0)
+    memory.on_server[[0, 1]] = True
+    store.commit(1, memory)
+    np.testing.assert_array_equal(DeviceMemory(tmp_path, 4).begin(2).on_server, [True, True, False, False])
+    with np.load(tmp_path / FILE) as npz:                    # a memory written before the opt-in existed
+        older = {k: npz[k] for k in npz.files if not k.endswith("on_server")}
+    np.savez(tmp_path / FILE, **older)
+    restarted = DeviceMemory(tmp_path, 4).begin(2)
+    assert not restarted.on_server.any() and restarted.has_features[:2].all()
