@@ -79,7 +79,7 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
     link = connect()
     try:
         connected = time.monotonic()
-        deadline, sent, wait = connected + timeout, None, ASK_AGAIN_S
+        deadline, sent, wait, blind = connected + timeout, None, ASK_AGAIN_S, False
         while True:
             # Ask once the server's retained status says it is up; no answer in a while (a server that was
             # still starting or restarted never saw the request; one busy enrolling many devices has not come to
@@ -89,10 +89,13 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
                 sent, wait = None, min(2 * wait, 8 * ASK_AGAIN_S)
             if server.get("state") in ("finished", "stopped"):
                 raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
+            up = server.get("state") not in (None, "offline", "starting")
+            if up and blind:          # asked before the server was heard of: it may not have been listening yet
+                sent, blind = None, False
             unheard = not server and time.monotonic() - connected > NO_STATUS_S
-            if (server.get("state") not in (None, "offline", "starting") or unheard) and sent is None:
+            if (up or unheard) and sent is None:
                 link.send(topics.up(device, "enroll"), request)
-                sent = time.monotonic()
+                sent, blind = time.monotonic(), not up
             try:
                 reply = replies.get(timeout=0.5)
             except queue.Empty:

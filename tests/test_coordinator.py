@@ -194,3 +194,42 @@ def test_prometheus_metrics_count_what_happened(server):
     assert refused.get('kind="malformed"', 0) >= 1 and refused.get('kind="forged"', 0) >= 1, refused
     assert refused.get('kind="enrollment"', 0) >= 5, refused
     assert "sfp_devices_enrolled" in text and "sfp_rounds_completed_total" in text
+
+
+def test_a_device_that_asked_before_the_server_was_up_asks_again_when_it_comes_up(broker, tmp_path):
+    """No server status at all (a cluster node may not deliver a status retained on another): the device asks
+    anyway after edge_client.enrollment.NO_STATUS_S. That request finds nobody; when the server's status then
+    arrives, the device asks again at once instead of waiting out its re-ask interval (15 s, beyond this
+    enrollment's own 12 s timeout)."""
+    from PIL import Image
+
+    from edge_client.enrollment import ASK_AGAIN_S, NO_STATUS_S, enroll
+    assert NO_STATUS_S + 8 < 12 < ASK_AGAIN_S
+    cfg = FederationConfig(federation="late", model="vit_tiny_patch16_224", classes=("0", "1"),
+                           state_dir=tmp_path / "state", split=SplitSpec(2, 0, 0), img_size=16, pretrained=False)
+    coordinator = Coordinator(cfg, broker, federation_bundles(cfg))      # bundles made; not on the broker yet
+    for label in ("0", "1"):
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (60 * int(label),) * 3).save(tmp_path / "data" / "train" / label / "a.png")
+    asked, done = threading.Event(), {}
+    probe = Link(broker, "late-probe").connect()
+    probe.subscribe(Topics("late").up("early", "enroll"), lambda topic, m: asked.set())
+    token = coordinator.security.issue_token("early", ttl_s=600)
+
+    def device() -> None:
+        try:
+            done["config"] = enroll(broker, token, load_profile("x86"), str(tmp_path / "data"), tmp_path / "device",
+                                    "early", "late", timeout=12)
+        except Exception as err:          # noqa: BLE001 - the test reports it
+            done["error"] = err
+    thread = threading.Thread(target=device)
+    thread.start()
+    try:
+        assert asked.wait(10), "the device never asked"
+        coordinator.start()
+        thread.join(30)
+        assert "config" in done, done.get("error")
+        assert coordinator.registry.get("early") is not None
+    finally:
+        probe.close()
+        coordinator.close()
