@@ -263,7 +263,8 @@ def demo(out, model, devices, rounds, alpha, prompts, profile, seed, tls, **reci
     options are passed to `sfp-cloud serve` (none given: SFPrompt's default recipe)."""
     from cloud_server.demo import run_demo
     serve_args = tuple(arg for name, value in recipe_settings.items() if value is not None
-                       for arg in (f"--{name.replace('_', '-')}", str(value)))
+                       for arg in ((f"--{name.replace('_', '-')}",) if value is True else
+                                   (f"--{name.replace('_', '-')}", str(value))))
     run_cli(lambda: run_demo(out, model, devices, rounds, alpha, seed, prompts, profile, click.echo, tls,
                              serve_args))
 

@@ -160,7 +160,9 @@ class LocalFederation:
         enrolled = subprocess.run(
             [sys.executable, "-m", "edge_client.cli", "enroll", "--broker", self.url, "--token", token, *self.ca,
              "--profile", self.profile, "--data", str(self.shares[i]), "--federation", FEDERATION,
-             "--device-id", f"device-{i}", "--state", str(self.device_state(i)), "--timeout", "600"],
+             "--device-id", f"device-{i}", "--state", str(self.device_state(i)), "--timeout", "600",
+             # the demo's devices are the user's own: asked to let the server keep tokens, they agree
+             *(["--let-server-keep-tokens"] if "--server-keeps-tokens" in self.serve_args else [])],
             env=self.env, capture_output=True, text=True)
         if enrolled.returncode != 0:
             raise ConfigError(f"device-{i} could not enroll: {enrolled.stderr.strip()}")
