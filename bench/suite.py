@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.compare import partition_title  # noqa: E402
+from sfp_common.recipe import Recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The comparison's headline rows get three seeds; the ablations and the other baselines one (same folder, one
@@ -54,7 +55,7 @@ ITEMS = (
            "--seeds", "0,1", *QUICK),)),
     Item("phase1", "1b. How phase 1 was chosen: pruning and local-update candidates against split-only",
          "bench/phase1.py", (("--jobs", "2", "--resume"),),
-         (("--candidates", "split-only,ep2-le5", "--seeds", "0", "--rounds", "1", "--train-samples", "600",
+         (("--candidates", "split-only,ep2-le40", "--seeds", "0", "--rounds", "1", "--train-samples", "600",
            "--resume"),)),
     Item("split-sweep", "2. The split sweep: head and tail blocks, prompts", "bench/split_sweep.py",
          (("--rounds", "10", "--jobs", "2", "--resume"),),
@@ -122,6 +123,32 @@ def _relink(markdown: str, folder: Path, page: Path) -> str:
     """Image links written relative to an item's folder, rewritten relative to RESULTS.md."""
     prefix = os.path.relpath(folder, page.parent)
     return re.sub(r"\]\(([\w.-]+(?:/[\w.-]+)*\.png)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
+
+
+# The settings of SFPrompt's phase 1 and split training; a run of `sfprompt` made before the default changed
+# says so beside its item (the other settings, wire and noise, are what the items vary on purpose).
+PHASE1_SETTINGS = ("epochs", "prune", "keep", "select", "local_update", "local_epochs")
+
+
+def earlier_default_note(folder: Path) -> str | None:
+    """A line for an item whose `sfprompt` runs used another default recipe than today's, naming the settings."""
+    today = Recipe().as_dict()
+    earlier: dict[str, set] = {}
+    for path in folder.rglob("seed*.json"):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        federated = isinstance(report, dict) and report.get("method") == "sfprompt" and not report.get("central")
+        train = report.get("train") if federated else None     # a central ceiling runs no phase 1
+        for name in PHASE1_SETTINGS if isinstance(train, dict) else ():
+            if name in train and train[name] != today[name]:
+                earlier.setdefault(name, set()).add(train[name])
+    if not earlier:
+        return None
+    was = ", ".join(f"{n} = {'/'.join(map(str, sorted(v)))} (now {today[n]})" for n, v in sorted(earlier.items()))
+    return (f"Measured with SFPrompt's earlier default recipe: {was}. Section 1 has today's default's accuracy; "
+            "these rows compare settings with each other under the earlier one.")
 
 
 def precision_table(folder: Path) -> str | None:
@@ -291,8 +318,9 @@ def write_results(root: Path, page: Path, command: str) -> str:
             body = _read(folder / "tables.md") or _read(folder / "results.md")
         if body is None:
             continue
+        note = None if item.name == "phase1" else earlier_default_note(folder)
         lines += ["", f"## {item.title}", "", f"Folder: `{os.path.relpath(folder, page.parent)}/`.", "",
-                  _relink(_demote(body), folder, page).strip()]
+                  *([note, ""] if note else []), _relink(_demote(body), folder, page).strip()]
         for png in ("goodput.png", "timeline.png", "fleet_scale.png"):
             if (folder / png).exists():
                 lines += ["", f"![{png}]({os.path.relpath(folder / png, page.parent)})"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.suite import targets, write_results
+from bench.suite import earlier_default_note, targets, write_results
+from sfp_common.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("sfprompt", "sfprompt-split-only", "sfprompt-paper", "fl")
@@ -83,3 +84,26 @@ def test_results_page_checks_the_targets_from_the_results(comparison):
     assert found["sfprompt bytes per client per round <= 0.6x sfprompt-split-only's, IID"] == (ratio <= 0.6)
     assert "## 1. The comparison" in text and "](comparison/comparison.png)" in text
     assert page.read_text() == text
+
+
+def test_an_item_measured_with_an_earlier_default_recipe_says_so(comparison):
+    """Runs of today's recipe give no note, nor do the ceilings (they run no phase 1, whatever recipe they
+    record); a run of `sfprompt` with other phase-1 settings names them."""
+    out = comparison / "comparison"
+    assert earlier_default_note(out) is None
+    ceiling = json.loads((out / "central" / "prompts-tail" / "seed0.json").read_text())
+    ceiling["train"]["local_epochs"] += 1
+    (out / "central" / "prompts-tail" / "seed8.json").write_text(json.dumps(ceiling))
+    try:
+        assert earlier_default_note(out) is None
+    finally:
+        (out / "central" / "prompts-tail" / "seed8.json").unlink()
+    report = json.loads((out / "iid" / "sfprompt" / "seed0.json").read_text())
+    report["train"] = {**report["train"], "local_epochs": Recipe().local_epochs + 3, "wire": "int8"}
+    (out / "iid" / "sfprompt" / "seed9.json").write_text(json.dumps(report))
+    try:
+        note = earlier_default_note(out)
+    finally:
+        (out / "iid" / "sfprompt" / "seed9.json").unlink()
+    assert note is not None and f"local_epochs = {Recipe().local_epochs + 3} (now {Recipe().local_epochs})" in note
+    assert "wire" not in note     # what the items vary on purpose is not an earlier default
