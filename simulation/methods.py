@@ -290,8 +290,14 @@ def client_round(model: SplitViT, method: Method, recipe: Recipe, data: ClientDa
         features = (torch.empty(len(cached), *feature_shape(model, traffic), device="meta") if counting
                     else torch.from_numpy(memory.features[cached].astype(np.float32)))
         labels = data.y_train[torch.from_numpy(cached)]
+        step_flops: dict[int, int] = {}     # counting on meta: a tail step's FLOPs depend on its batch size only
         for _ in range(recipe.local_epochs):
             for i in batches(len(cached), bs, rng):
+                if counting and len(i) in step_flops:
+                    meter.flops += step_flops[len(i)]
+                    continue
+                before = meter.flops
                 local_step(model, features[i], labels[i], meter, client_opt, model.tail)
+                step_flops[len(i)] = meter.flops - before
     upload = {name: meter.up(param) for name, param in client_params.items()}
     return ClientResult(meter, upload, n, len(kept), loss_sum)
