@@ -47,6 +47,10 @@ class BundleService:
             self._bundles[(backend, k)] = (manifest, pack_bundle(folder))
         return self._bundles[(backend, k)]
 
+    def ready(self, backend: str, head_blocks: int) -> bool:
+        """Whether `get` answers at once (an export takes minutes for a large model on a CPU)."""
+        return (backend, head_blocks) in self._bundles
+
     def fits(self, manifest: Manifest, head_blocks: int) -> bool:
         """A bundle kept from an earlier run serves only if it was cut the way this federation cuts."""
         params = dict(self.model.named_parameters())

@@ -210,6 +210,9 @@ class Coordinator:
         # each device runs the head blocks its profile affords, at most the federation's (its split's): prompts
         # and tail are the same tensors at every cut, and the body serves each request from the device's cut
         head_blocks = min(profile.max_head_blocks, self.cfg.split.head_blocks)
+        if not self.bundles.ready(profile.backend, head_blocks):   # the device's wait restarts: it is not lost
+            self.link.send(self.topics.down(device, "enrolling"), Message("enrolling", device, meta={
+                "note": f"exporting the {profile.backend} bundle cut after {head_blocks} head blocks"}))
         _, data = self.bundles.get(profile.backend, head_blocks)
         entry = self.registry.enroll(device, profile.as_dict(), dict(meta.get("hardware", {})), num_samples,
                                      profile.backend, head_blocks)

@@ -90,6 +90,8 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
             if server.get("state") in ("finished", "stopped"):
                 raise ConfigError(f"federation {federation!r} has {server['state']}: there is nothing to enroll in")
             up = server.get("state") not in (None, "offline", "starting")
+            if sent is not None and server and not up:     # the server went down after the request: ask again
+                blind = True
             if up and blind:          # asked before the server was heard of: it may not have been listening yet
                 sent, blind = None, False
             unheard = not server and time.monotonic() - connected > NO_STATUS_S
@@ -105,6 +107,10 @@ def enroll(broker: str, token: str, profile: Profile, data: str, state: Path, de
                 continue
             if reply.type == "refused":
                 raise ConfigError(f"enrollment refused: {reply.meta.get('reason')}")
+            if reply.type == "enrolling":     # the server is making the answer: wait for it, not for a re-ask
+                log.info("the server is %s; waiting up to %.0f s more", reply.meta.get("note", "at work"), timeout)
+                now = time.monotonic()
+                deadline, sent, wait = now + timeout, now, timeout
             if reply.type == "enrolled":
                 break
     finally:

@@ -38,12 +38,16 @@ def enroll_request(server, device, token=None, profile=None, classes=("1", "2"),
                                            "num_samples": samples, "classes": list(classes), "hardware": {}})
 
 
-def ask(link, topics, device, message, kind=None):
+def ask(link, topics, device, message, kind=None, notes=None):
+    """The server's answer; `notes` collects the "enrolling" notes that came before it."""
     replies = queue.Queue()
     link.subscribe(topics.device_down(device), lambda topic, m: replies.put(m))
     time.sleep(0.2)
     link.send(topics.up(device, message.type), message)
-    return replies.get(timeout=30)
+    while (reply := replies.get(timeout=30)).type == "enrolling":
+        if notes is not None:
+            notes.append(reply.meta["note"])
+    return reply
 
 
 def test_bad_enrollments_are_refused_with_reasons_and_a_good_one_then_succeeds(server, broker):
@@ -74,8 +78,12 @@ def test_each_device_gets_the_cut_its_profile_affords(server, broker, tmp_path):
     from sfp_common.bundle import install_bundle, read_bundle
     topics, link = Topics("coord"), Link(broker, "cuts").connect()
     for device, profile, k in (("pi", "raspberry-pi-4", 0), ("box", "x86", 1)):
-        reply = ask(link, topics, device, enroll_request(server, device, profile=load_profile(profile).as_dict()))
+        notes = []
+        reply = ask(link, topics, device, enroll_request(server, device, profile=load_profile(profile).as_dict()),
+                    notes=notes)
         assert reply.type == "enrolled" and server.registry.get(device).head_blocks == k
+        # the pi's cut is exported now, and the pi told so (its wait restarts); the federation's cut was ready
+        assert notes == (["exporting the portable bundle cut after 0 head blocks"] if k == 0 else []), notes
         install_bundle(reply.tensors["bundle"].tobytes(), tmp_path / device)
         manifest = read_bundle(tmp_path / device)
         assert manifest.head_blocks == k and manifest.trainable_names() == server.bundles.manifest().trainable_names()

@@ -142,7 +142,7 @@ class Run:
         for w in range(workers - 1):
             self.spawn(f"worker{w}", [*cli, "worker", *model, *service, "--worker-id", f"extra{w}",
                                       "--max-packet", "16384"])
-        self.devices = []
+        self.devices, self.enrollments = [], []
         for c, backend in enumerate(backends()):
             device_state = self.folder / f"device-{c}"
             token = subprocess.run([*cli, "token", "--state", str(state), "--federation", name, "--device",
@@ -153,10 +153,11 @@ class Run:
                  "--token", token.stdout.strip(),
                  "--profile", str(profile_file(self.folder, backend, batch_sizes[c], wire, device_cuts[c])),
                  "--data", str(setup["shares"][c]), "--federation", name, "--device-id", f"dev-{c}",
-                 "--state", str(device_state), "--timeout", "120",
+                 "--state", str(device_state),     # the default wait: the server may still be exporting
                  *(["--let-server-keep-tokens"] if keep_tokens else [])],
-                env=ENV, capture_output=True, text=True, timeout=180)
+                env={**ENV, "SFP_LOG": "INFO"}, capture_output=True, text=True, timeout=420)
             assert enrolled.returncode == 0, enrolled.stderr
+            self.enrollments.append(enrolled.stderr)
             self.devices.append(self.spawn(f"device{c}", [device_python(backend), "-m", "edge_client.cli", "run",
                                                           "--state", str(device_state), "--round-timeout", "20"]))
 
@@ -273,6 +274,9 @@ def test_devices_cut_where_their_profiles_afford_give_the_reference_numbers(setu
         assert reference[-1]["bytes_down"] > setup["reference"][-1]["bytes_down"]   # dL/dtokens for cuts 1 and 2
         registry = json.loads((run.folder / "server" / "registry.json").read_text())["devices"]
         assert [d["head_blocks"] for d in registry] == [0, 1, 2]
+        # the cuts other than the federation's were exported at enrollment, and their devices told so
+        told = ["exporting the portable bundle cut after" in e for e in run.enrollments]
+        assert told == [True, True, False], run.enrollments
     finally:
         run.close()
 

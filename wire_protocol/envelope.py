@@ -41,6 +41,7 @@ MAX_ELEMENTS = 1 << 31          # per tensor
 _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)   # json.dumps(**options) builds one per call
 TYPES = (
     "enroll", "enrolled", "refused",           # device <-> server: registration and its bundle
+    "enrolling",                               # server -> device: the answer is being made (a bundle exported)
     "round", "update", "report",               # a round's plan and global state; the trained tensors; evaluation
     "forward", "features", "backward", "gradient",   # split training: device <-> body worker
     "error",                                   # a request that could not be served, with its reason
