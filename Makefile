@@ -116,6 +116,7 @@ bench-serving: setup
 	$(BIN)/python bench/serving.py --devices 1,8,64 --batch 2 --seconds 40
 
 bench-transport: setup
+	$(BIN)/python bench/transport.py --latency
 	$(BIN)/python bench/transport.py --trials 5
 
 # A secured federation (4 device processes) with faults injected at random for 20 rounds, against the fault-free

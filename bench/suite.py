@@ -71,7 +71,8 @@ ITEMS = (
          (("--devices", "1,8,64", "--batch", "2", "--seconds", "40"),),
          (("--devices", "1,8", "--batch", "2", "--seconds", "5"),)),
     Item("transport", "6. The transport: protocol goodput against raw paho", "bench/transport.py",
-         (("--trials", "5"),), (("--trials", "1", "--sizes", "65536,1048576"),)),
+         (("--latency",), ("--trials", "5")),
+         (("--latency", "--sizes", "65536"), ("--trials", "1", "--sizes", "65536,1048576"))),
     Item("device-step", "On-device step time and memory against PyTorch (issue 3's targets)", "bench/device_step.py",
          (("--round-samples", "0"),),
          (("--models", "vit_tiny_patch16_224", "--batches", "8", "--reps", "5", "--round-samples", "0"),)),
@@ -272,8 +273,10 @@ def targets(root: Path) -> list[tuple[str, str, bool | None]]:
     if transport.exists():
         rows = json.loads(transport.read_text())["rows"]
         worst = min(rows, key=lambda r: r["ratio"])
+        nodelay = (f" ({min(r['ratio_nodelay'] for r in rows):.2f}x against raw paho with TCP_NODELAY, as the "
+                   "protocol's sockets)" if all("ratio_nodelay" in r for r in rows) else "")
         out.append(("protocol goodput >= 0.8x raw paho, every message size",
-                    f"lowest {worst['ratio']:.2f}x at {worst['bytes']:,} B", worst["ratio"] >= 0.8))
+                    f"lowest {worst['ratio']:.2f}x at {worst['bytes']:,} B{nodelay}", worst["ratio"] >= 0.8))
     audit = root / "audit" / "results.json"
     if audit.exists():
         rows = json.loads(audit.read_text())["rows"]

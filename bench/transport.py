@@ -3,6 +3,9 @@
 For each message size (64 KB to 20 MB of float32 tensor data), N messages go from a sender to a receiver in
 another process (as a device and the server are) through a local Mosquitto, QoS 1, side by side in one run:
 - `raw`: paho-mqtt publishes of the bare tensor bytes, one MQTT message each, nothing checked;
+- `raw-nodelay`: the same with TCP_NODELAY on both clients' sockets, as the protocol's `Link` sets it (Nagle's
+  algorithm with delayed ACKs stalls request/response exchanges: see `bench/transport.py --latency`), so the table
+  separates what the socket option costs from what the protocol's own work costs;
 - `protocol`: `Link.send` of a `Message` (header, CRC-32, chunking at `--max-packet`, 1 MB by default like EMQX's
   limit), received by `Link.subscribe` (reassembly, every check, decoding to float32).
 Goodput = tensor bytes delivered / time from the first publish until the receiver reports the last one in (a
@@ -13,7 +16,7 @@ busy processes, goodput is what the three together can afford, so the CPU column
 the `dev` extra) and writes the Python lines that cost most, per message size, to <out>/profile-<bytes>.md.
 
     python bench/transport.py [--sizes 16384,65536,262144,1048576,4194304,20971520] [--trials 5]
-                              [--out bench/results/transport] [--profile]
+                              [--out bench/results/transport] [--profile | --latency]
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,28 +60,32 @@ class Arrivals:
             self.reply(self.kind)
 
 
-def raw_client(url: str, name: str) -> mqtt.Client:
+def raw_client(url: str, name: str, nodelay: bool = False) -> mqtt.Client:
     host, port = url.split("//")[1].split(":")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
     client.max_queued_messages_set(0)
     client.connect(host, int(port))
+    if nodelay:
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.loop_start()
     return client
 
 
 def receiver(url: str, max_packet: int) -> None:
-    """The receiving process: a raw paho client and a protocol Link, driven by `bench/expect` messages."""
+    """The receiving process: raw paho clients and a protocol Link, driven by `bench/expect` messages."""
     control = raw_client(url, "bench-receiver-control")
     done = lambda kind: control.publish("bench/done", kind, qos=1)   # noqa: E731
-    raw_in, proto_link = raw_client(url, "raw-in"), Link(url, "proto-in", max_packet=max_packet).connect()
-    raw, proto = Arrivals("raw", done), Arrivals("protocol", done)
-    raw_in.on_message = raw.hit
-    raw_in.subscribe("bench/raw", qos=1)
-    proto_link.subscribe("bench/protocol", proto.hit)
+    arrivals = {kind: Arrivals(kind, done) for kind in KINDS}
+    for kind in ("raw", "raw-nodelay"):
+        client = raw_client(url, f"{kind}-in", nodelay=kind == "raw-nodelay")
+        client.on_message = arrivals[kind].hit
+        client.subscribe(f"bench/{kind}", qos=1)
+    proto_link = Link(url, "proto-in", max_packet=max_packet).connect()
+    proto_link.subscribe("bench/protocol", arrivals["protocol"].hit)
 
     def on_expect(client, userdata, msg) -> None:
         kind, count = json.loads(msg.payload)
-        (raw if kind == "raw" else proto).expect(count)
+        arrivals[kind].expect(count)
         control.publish("bench/ready", kind, qos=1)
     control.on_message = on_expect
     control.subscribe("bench/expect", qos=1)
@@ -128,7 +137,10 @@ class Sampler:
 
     def __init__(self, pid: int, path: Path) -> None:
         self.path = path
-        self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--native",
+        spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if spy is None:
+            raise SystemExit("--profile needs py-spy: pip install py-spy (the dev extra)")
+        self.proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--native",
                                       "--rate", "200", "--format", "raw", "--output", str(path)],
                                      stdout=subprocess.DEVNULL)
 
@@ -167,6 +179,62 @@ def profile(driver: Driver, size: int, count: int, send, timeout: float, out: Pa
     print("\n".join(lines), flush=True)
 
 
+KINDS = ("raw", "raw-nodelay", "protocol")
+
+
+def latency(url: str, sizes: list[int], trials: int, out: Path) -> None:
+    """Request/response round trips (a device's forward and the body's answer): a message to a responder that
+    sends it straight back, one at a time; median and 90th percentile of `trials` per size and kind."""
+    rows = []
+    for kind in KINDS:
+        back = threading.Event()
+        if kind == "protocol":
+            ask, answer = (Link(url, f"lat-{n}").connect() for n in ("ask", "answer"))
+            answer.subscribe("bench/ping", lambda t, m: answer.send("bench/pong", m))
+            ask.subscribe("bench/pong", lambda t, m: back.set())
+            close = [ask.close, answer.close]
+        else:
+            ask, answer = (raw_client(url, f"lat-{kind}-{n}", nodelay=kind == "raw-nodelay")
+                           for n in ("ask", "answer"))
+            answer.on_message = lambda c, u, m, a=answer: a.publish("bench/pong", m.payload, qos=1)
+            ask.on_message = lambda c, u, m: back.set()
+            for client, topic in ((answer, "bench/ping"), (ask, "bench/pong")):
+                client.subscribe(topic, qos=1)
+            close = [ask.disconnect, answer.disconnect, ask.loop_stop, answer.loop_stop]
+        time.sleep(0.5)               # the raw clients' subscriptions are in
+        for size in sizes:
+            tensor = np.random.default_rng(0).standard_normal(size // 4).astype(np.float32)
+            payload = tensor.tobytes()
+            seconds = []
+            for seq in range(trials + 2):
+                back.clear()
+                start = time.perf_counter()
+                if kind == "protocol":
+                    ask.send("bench/ping", Message("forward", "bench", 1, seq, tensors={"x": tensor}))
+                else:
+                    ask.publish("bench/ping", payload, qos=1)
+                if not back.wait(10):
+                    raise SystemExit(f"{kind}: no answer to a {size}-byte request")
+                seconds.append(time.perf_counter() - start)
+            seconds = sorted(seconds[2:])               # the first two warm up
+            rows.append({"kind": kind, "bytes": size, "median_ms": 1e3 * float(np.median(seconds)),
+                         "p90_ms": 1e3 * seconds[int(0.9 * (len(seconds) - 1))]})
+            print(f"{kind:>12} {size / 2**10:>8.0f} KiB: median {rows[-1]['median_ms']:.2f} ms, "
+                  f"p90 {rows[-1]['p90_ms']:.2f} ms", flush=True)
+        for step in close:
+            step()
+    machine = machine_facts("bench/transport.py", sys.argv[1:], broker="Mosquitto, loopback")
+    (out / "latency.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores; Mosquitto on loopback, QoS 1. Command: "
+             f"`{machine['command']}`. Request/response round trip, milliseconds, median (90th percentile) of "
+             f"{trials}.", "", "| bytes | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+    for size in sizes:
+        cells = {r["kind"]: f"{r['median_ms']:.2f} ({r['p90_ms']:.2f})" for r in rows if r["bytes"] == size}
+        lines.append(f"| {size:,} | " + " | ".join(cells[k] for k in KINDS) + " |")
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -174,10 +242,13 @@ def plot(rows: list[dict], path: Path) -> None:
     sizes = [r["bytes"] / 2**20 for r in rows]
     fig, (ax, ratio) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot(sizes, [r["raw_MBps"] for r in rows], marker="o", label="raw paho publish")
+    ax.plot(sizes, [r["raw-nodelay_MBps"] for r in rows], marker="o", label="raw paho, TCP_NODELAY")
     ax.plot(sizes, [r["protocol_MBps"] for r in rows], marker="o", label="protocol (checked, chunked)")
     ax.set(xscale="log", xlabel="tensor bytes per message (MiB)", ylabel="goodput (MB/s)", ylim=(0, None),
            title="Goodput over Mosquitto (loopback)")
-    ratio.plot(sizes, [r["ratio"] for r in rows], marker="o", color="C1", label="protocol / raw")
+    ratio.plot(sizes, [r["ratio"] for r in rows], marker="o", color="C2", label="protocol / raw")
+    ratio.plot(sizes, [r["ratio_nodelay"] for r in rows], marker="o", color="C1",
+               label="protocol / raw with TCP_NODELAY")
     ratio.axhline(0.8, color="C3", ls="--", lw=1, label="target 0.8x")
     ratio.axhline(1.0, color="gray", ls=":", lw=1, label="as fast as raw")
     ratio.set(xscale="log", xlabel="tensor bytes per message (MiB)", ylabel="protocol / raw paho", ylim=(0, None),
@@ -197,6 +268,7 @@ def main() -> None:
     ap.add_argument("--max-packet", type=int, default=1 << 20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport")
     ap.add_argument("--profile", action="store_true", help="sample the protocol side with py-spy instead")
+    ap.add_argument("--latency", action="store_true", help="measure request/response round trips instead")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.receiver:
@@ -206,13 +278,17 @@ def main() -> None:
     rows = []
     broker = LocalBroker(max_packet=64 << 20)
     with broker as url:
+        if a.latency:
+            latency(url, [int(v) for v in a.sizes.split(",")], max(a.trials, 40), a.out)
+            return
         driver = Driver(url)
         child = subprocess.Popen([sys.executable, __file__, "--receiver", url, "--max-packet", str(a.max_packet)],
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
         driver.pids.update(broker=broker.process.pid, receiver=child.pid)
         if not driver.events["ready"].wait(60):
             raise SystemExit("the receiver did not start")
-        raw_out = raw_client(url, "raw-out")
+        raw_out = {kind: raw_client(url, f"{kind}-out", nodelay=kind == "raw-nodelay")
+                   for kind in ("raw", "raw-nodelay")}
         proto_out = Link(url, "proto-out", max_packet=a.max_packet).connect()
         try:
             for size in map(int, a.sizes.split(",")):
@@ -220,33 +296,37 @@ def main() -> None:
                 payload = tensor.tobytes()
                 count = int(min(2000, max(5, (128 << 20) // size)))
                 timeout = 60 + size * count / 20e6
-                send_raw = lambda seq: raw_out.publish("bench/raw", payload, qos=1)   # noqa: E731
-                send_proto = lambda seq: proto_out.send("bench/protocol", Message(    # noqa: E731
+                senders = {kind: (lambda seq, c=client, t=f"bench/{kind}": c.publish(t, payload, qos=1))
+                           for kind, client in raw_out.items()}
+                senders["protocol"] = lambda seq: proto_out.send("bench/protocol", Message(
                     "update", "bench", 1, seq, tensors={"x": tensor}))
-                driver.timed("raw", 2, send_raw, timeout)                                # warm-up
-                driver.timed("protocol", 2, send_proto, timeout)
+                for kind in KINDS:                                                       # warm-up
+                    driver.timed(kind, 2, senders[kind], timeout)
                 if a.profile:
-                    profile(driver, size, count * a.trials, send_proto, timeout * a.trials, a.out)
+                    profile(driver, size, count * a.trials, senders["protocol"], timeout * a.trials, a.out)
                     continue
-                runs: dict[str, list] = {"raw": [], "protocol": []}
-                for _ in range(a.trials):     # interleaved, so drift on a shared machine hits both alike
-                    runs["raw"].append(driver.timed("raw", count, send_raw, timeout))
-                    runs["protocol"].append(driver.timed("protocol", count, send_proto, timeout))
+                runs: dict[str, list] = {kind: [] for kind in KINDS}
+                for _ in range(a.trials):     # interleaved, so drift on a shared machine hits all alike
+                    for kind in KINDS:
+                        runs[kind].append(driver.timed(kind, count, senders[kind], timeout))
                 row = {"bytes": size, "messages": count}
                 for kind, timed in runs.items():
                     row[f"{kind}_MBps"] = size * count / float(np.median([t for t, _ in timed])) / 1e6
                     for name in driver.pids:      # CPU microseconds per message, over all the trials
                         row[f"{kind}_{name}_us"] = 1e6 * sum(c[name] for _, c in timed) / (count * a.trials)
                 row["ratio"] = row["protocol_MBps"] / row["raw_MBps"]
+                row["ratio_nodelay"] = row["protocol_MBps"] / row["raw-nodelay_MBps"]
                 rows.append(row)
-                print(f"{size / 2**10:>8.0f} KiB x {count:>3}: raw {row['raw_MBps']:7.1f} MB/s, protocol "
-                      f"{row['protocol_MBps']:7.1f} MB/s, ratio {row['ratio']:.2f}; CPU us/message raw|protocol "
+                print(f"{size / 2**10:>8.0f} KiB x {count:>3}: raw {row['raw_MBps']:7.1f} MB/s, with TCP_NODELAY "
+                      f"{row['raw-nodelay_MBps']:7.1f}, protocol {row['protocol_MBps']:7.1f} MB/s, ratio "
+                      f"{row['ratio']:.2f} ({row['ratio_nodelay']:.2f}); CPU us/message raw|protocol "
                       + ", ".join(f"{n} {row[f'raw_{n}_us']:.0f}|{row[f'protocol_{n}_us']:.0f}"
                                   for n in driver.pids), flush=True)
         finally:
             child.kill()
-            raw_out.disconnect()
-            raw_out.loop_stop()
+            for client in raw_out.values():
+                client.disconnect()
+                client.loop_stop()
             proto_out.close()
     if a.profile:
         return
@@ -255,12 +335,16 @@ def main() -> None:
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; Mosquitto on "
              f"loopback, QoS 1, sender and receiver in separate processes. Command: `{machine['command']}`. "
              "CPU: microseconds per message in each process (all threads), raw | protocol.", "",
-             "| tensor bytes / message | messages | raw paho MB/s | protocol MB/s | protocol / raw "
+             "| tensor bytes / message | messages | raw paho MB/s | raw, TCP_NODELAY MB/s | protocol MB/s "
+             "| protocol / raw | protocol / raw with TCP_NODELAY "
              "| sender CPU us | broker CPU us | receiver CPU us |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['bytes']:,} | {r['messages']} | {r['raw_MBps']:.1f} | {r['protocol_MBps']:.1f} | "
-              f"{r['ratio']:.2f} | " + " | ".join(f"{r[f'raw_{n}_us']:.0f} \\| {r[f'protocol_{n}_us']:.0f}"
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['bytes']:,} | {r['messages']} | {r['raw_MBps']:.1f} | {r['raw-nodelay_MBps']:.1f} | "
+              f"{r['protocol_MBps']:.1f} | {r['ratio']:.2f} | {r['ratio_nodelay']:.2f} | " + " | ".join(f"{r[f'raw_{n}_us']:.0f} \\| {r[f'protocol_{n}_us']:.0f}"
                                                   for n in ("sender", "broker", "receiver")) + " |" for r in rows]
+    if (a.out / "latency.md").exists():
+        lines += ["", "Request/response round trips (`--latency`: what split training waits on, and why the protocol "
+                  "sets TCP_NODELAY).", "", (a.out / "latency.md").read_text().strip()]
     profiles = sorted(a.out.glob("profile-*.md"), key=lambda p: int(p.stem.split("-")[1]))
     if profiles:
         lines += ["", "Where the protocol's CPU goes (py-spy, `--profile`): "

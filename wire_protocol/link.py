@@ -169,7 +169,9 @@ class Link:
         self.shared_subscriptions = bool(getattr(properties, "SharedSubscriptionAvailable", 1))
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # paho never sets it: 64 KB stalls
+            # paho never sets it. Without it a 16 KB request waits 44 ms for its answer (Nagle's algorithm against
+            # delayed ACKs); with it 1 ms, at no cost in goodput (bench/transport.py --latency, results.md)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
             self._tagged = {i for i, t in topics if any(_overlap(t, u) for j, u in topics if j != i)}
