@@ -170,7 +170,7 @@ class Link:
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             # paho never sets it. Without it a 16 KB request waits 44 ms for its answer (Nagle's algorithm against
-            # delayed ACKs); with it 1 ms, at no cost in goodput (bench/transport.py --latency, results.md)
+            # delayed ACKs), with it 1 ms (bench/transport.py --latency; its goodput cost: results.md there)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             topics = [(i, t) for i, (t, _) in enumerate(self._handlers, 1)]
