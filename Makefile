@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 BACKBONE ?= models/vit-fmnist.pth
 # The device's environment: the edge extra only (plain onnxruntime, no torch), as on a Raspberry Pi.
 EDGE_VENV ?= .venv-edge
-# The same with the oldest onnxruntime the edge extra allows (a Jetson on JetPack 6 gets an older one than x86).
+# The same with the oldest onnxruntime the edge extra allows (a Jetson on JetPack 6 gets an older one than x86), and
+# the oldest paho-mqtt (wire_protocol/mqtt_client.py overrides some of its internals).
 EDGE_OLDEST_VENV ?= .venv-edge-oldest
 ORT_OLDEST := $(shell sed -n 's/^ *onnxruntime>=\([0-9.]*\)$$/\1/p' setup.cfg | head -1)
+PAHO_OLDEST := $(shell sed -n 's/^ *paho-mqtt>=\([0-9.]*\),.*$$/\1/p' setup.cfg | head -1)
 EDGE_FIXTURES ?= build/edge-fixtures
 # The training backend's environment: onnxruntime-training-cpu, no torch (builds and runs ORT training artifacts).
 ORT_TRAINING_VENV ?= .venv-ort-training
@@ -117,7 +119,7 @@ bench-serving: setup
 
 bench-transport: setup
 	$(BIN)/python bench/transport.py --latency
-	$(BIN)/python bench/transport.py --trials 5
+	$(BIN)/python bench/transport.py --trials 9
 
 # A secured federation (4 device processes) with faults injected at random for 20 rounds, against the fault-free
 # run with the same seed (a few minutes; bench/results/chaos/).
@@ -131,7 +133,7 @@ $(EDGE_VENV)/installed: setup.cfg pyproject.toml
 
 $(EDGE_OLDEST_VENV)/installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EDGE_OLDEST_VENV)
-	$(EDGE_OLDEST_VENV)/bin/pip install -q -e '.[edge]' pytest 'onnxruntime==$(ORT_OLDEST)'
+	$(EDGE_OLDEST_VENV)/bin/pip install -q -e '.[edge]' pytest 'onnxruntime==$(ORT_OLDEST)' 'paho-mqtt==$(PAHO_OLDEST)'
 	touch $@
 
 $(ORT_TRAINING_VENV)/installed: setup.cfg pyproject.toml
@@ -151,8 +153,8 @@ test: setup browser-packages cluster-packages $(DASHBOARD_ASSETS) $(EDGE_VENV)/i
 	SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) SFP_ORT_TRAINING_PYTHON=$(ORT_TRAINING_VENV)/bin/python $(BIN)/python -m pytest -q
 	$(EDGE_VENV)/bin/python -c "import importlib.util as u, onnxruntime; print('device environment: torch importable:', u.find_spec('torch') is not None, '| onnxruntime', onnxruntime.__version__)"
 	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_VENV)/bin/python -m pytest -q -rP tests/edge
-	$(EDGE_OLDEST_VENV)/bin/python -c "import onnxruntime as o; assert o.__version__.startswith('$(ORT_OLDEST)'), o.__version__; print('oldest onnxruntime allowed:', o.__version__)"
-	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_OLDEST_VENV)/bin/python -m pytest -q tests/edge
+	$(EDGE_OLDEST_VENV)/bin/python -c "import onnxruntime as o, paho.mqtt as p; assert o.__version__.startswith('$(ORT_OLDEST)'), o.__version__; assert p.__version__.startswith('$(PAHO_OLDEST)'), p.__version__; print('oldest onnxruntime allowed:', o.__version__, '| oldest paho-mqtt allowed:', p.__version__)"
+	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(EDGE_OLDEST_VENV)/bin/python -m pytest -q tests/edge tests/test_mqtt_client.py tests/test_link.py
 	$(AARCH64_ENV)/python -c "import platform; assert platform.machine() == 'aarch64', platform.machine()"
 	SFP_DEVICE_ENV=portable SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(AARCH64_ENV)/python -m pytest -q -p no:cacheprovider tests/edge
 	SFP_DEVICE_ENV=training SFP_EDGE_FIXTURES=$(EDGE_FIXTURES) $(ORT_TRAINING_VENV)/bin/python -m pytest -q -rP tests/edge

@@ -71,7 +71,7 @@ ITEMS = (
          (("--devices", "1,8,64", "--batch", "2", "--seconds", "40"),),
          (("--devices", "1,8", "--batch", "2", "--seconds", "5"),)),
     Item("transport", "6. The transport: protocol goodput against raw paho", "bench/transport.py",
-         (("--latency",), ("--trials", "5")),
+         (("--latency",), ("--trials", "9")),
          (("--latency", "--sizes", "65536"), ("--trials", "1", "--sizes", "65536,1048576"))),
     Item("device-step", "On-device step time and memory against PyTorch (issue 3's targets)", "bench/device_step.py",
          (("--round-samples", "0"),),

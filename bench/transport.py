@@ -1,6 +1,6 @@
 """Transport goodput: the protocol over Mosquitto against raw paho publishes of the same tensor bytes.
 
-For each message size (64 KB to 20 MB of float32 tensor data), N messages go from a sender to a receiver in
+For each message size (16 KB to 20 MB of float32 tensor data), N messages go from a sender to a receiver in
 another process (as a device and the server are) through a local Mosquitto, QoS 1, side by side in one run:
 - `raw`: paho-mqtt publishes of the bare tensor bytes, one MQTT message each, nothing checked;
 - `raw-nodelay`: the same with TCP_NODELAY on both clients' sockets, as the protocol's `Link` sets it (Nagle's
@@ -9,13 +9,13 @@ another process (as a device and the server are) through a local Mosquitto, QoS 
 - `protocol`: `Link.send` of a `Message` (header, CRC-32, chunking at `--max-packet`, 1 MB by default like EMQX's
   limit), received by `Link.subscribe` (reassembly, every check, decoding to float32).
 Goodput = tensor bytes delivered / time from the first publish until the receiver reports the last one in (a
-small MQTT message back); median of `--trials`, the two kinds interleaved. Beside it, the CPU time each process
+small MQTT message back); median of `--trials`, the three kinds interleaved. Beside it, the CPU time each process
 (sender, broker, receiver; all their threads, from /proc) spent per message: on a machine with fewer cores than
 busy processes, goodput is what the three together can afford, so the CPU columns say where the time goes.
 `--profile` runs the protocol side alone, samples the sender and the receiver with py-spy (`pip install py-spy`,
 the `dev` extra) and writes the Python lines that cost most, per message size, to <out>/profile-<bytes>.md.
 
-    python bench/transport.py [--sizes 16384,65536,262144,1048576,4194304,20971520] [--trials 5]
+    python bench/transport.py [--sizes 16384,65536,262144,1048576,4194304,20971520] [--trials 9]
                               [--out bench/results/transport] [--profile | --latency]
 """
 from __future__ import annotations
@@ -264,7 +264,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="16384,65536,262144,1048576,4194304,20971520")
-    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=9)
     ap.add_argument("--max-packet", type=int, default=1 << 20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport")
     ap.add_argument("--profile", action="store_true", help="sample the protocol side with py-spy instead")

@@ -64,6 +64,24 @@ def test_a_message_round_trips_and_counts_its_payload():
     assert back.wires == {"tokens": "int8", "prompts": "fp32", "blob": "bytes"}
 
 
+def test_the_written_out_header_is_what_json_writes():
+    """frame writes the header without json; it must be byte for byte what json.dumps writes, escapes included."""
+    msg = Message("enrolling", 'pi-\u00e9t\u00e9 "4"\n', round=2**40, seq=-1,
+                  meta={"note": "exporting \u2192 done", "x": [1.5, None, True], "n": {"a": 1}},
+                  tensors={"t\u00f6kens": np.zeros((2, 0, 3), np.float32), "ids": np.arange(5),
+                           "blob": np.frombuffer(b"xy", np.uint8), "s": np.float32(2.0)},
+                  wires={"ids": "int32", "blob": "bytes", "t\u00f6kens": "bf16"})
+    for message in (msg, Message("report", "d")):
+        data = pack(message)
+        head = data[8:8 + struct.unpack_from("<I", data, 4)[0]]
+        assert head == json.dumps(json.loads(head), separators=(",", ":")).encode()
+        back = unpack(data)
+        assert (back.device, back.round, back.seq, back.meta) == (message.device, message.round, message.seq,
+                                                                  message.meta)
+        assert {k: v.shape for k, v in back.tensors.items()} == {k: np.shape(v) if message.wires.get(k) != "bytes"
+                                                                 else (2,) for k, v in message.tensors.items()}
+
+
 @pytest.mark.parametrize("rows", [1, 14, 15, 300, 1200])     # around the slice size and past CRC_WHOLE
 def test_the_checksum_is_zlibs_crc32_of_the_payload(rows):
     """The envelope may use a faster CRC-32 implementation, in slices; the value must still be zlib's over the

@@ -1,13 +1,15 @@
 """One MQTT 5 connection that speaks the protocol: messages out (chunked to the packet limit), messages in
 (reassembled, checked, handed to the subscriber), retained JSON for status, and the bytes counted both ways.
 
-paho-mqtt 2.x runs the network in its own thread. A small received message is checked and handed to its handlers
-right there; a large one (at least `INLINE_BYTES`), and anything that arrives while one is still being handled,
-goes to a second thread, so the CRC and copies of a large tensor overlap the reading of the next, and arrival order
-holds either way. Handing over costs a thread wake-up per message (the receiver's CPU per 64 KB message: 194 us
-with every message handed over, 121 us without; bench/transport.py), which is why small messages stay. Handlers
-must be quick either way (hand long work to a queue). A message that fails its checks never reaches a handler: it
-is counted under its kind, logged, and passed to `on_refused`, and the connection carries on.
+paho-mqtt 2.x runs the network in its own thread (paho's client with four per-message costs taken out:
+mqtt_client.py). A small received message is checked and handed to its handlers right there; a large one (at
+least `INLINE_BYTES`), and anything that arrives while one is still being handled, goes to a second thread, so the
+CRC and copies of a large tensor overlap the reading of the next, and arrival order holds either way. Handing over
+costs a thread wake-up per message (the receiver's CPU per 64 KB message: 194 us with every message handed over,
+121 us without; bench/transport.py), which is why small messages stay. Handlers must be quick either way (hand
+long work to a queue). A received payload is a bytearray (the client cuts the packet's header off in place). A
+message that fails its checks never reaches a handler: it is counted under its kind, logged, and passed to
+`on_refused`, and the connection carries on.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sfp_common.errors import ServiceError
 from wire_protocol.chunking import CHUNK_BYTES, Reassembler, split
 from wire_protocol.envelope import Message, WireError, frame, unpack
+from wire_protocol.mqtt_client import Client
 
 log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, Message], None]
@@ -107,7 +110,7 @@ class Link:
         self.shared_subscriptions = True
         self._connect_error: str | None = None
         self._last_publish: mqtt.MQTTMessageInfo | None = None
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         access = access or BrokerAccess()
         if tls:
             self.client.tls_set(ca_certs=access.ca_file)
@@ -285,9 +288,9 @@ class Link:
 
         A filter that overlaps another of this connection's (a/+ and a/#) is subscribed with an MQTT 5
         subscription identifier, and the other one again with its own: the broker tags each delivery with the
-        subscriptions it is for, so every handler gets one copy. Filters that overlap nothing go untagged,
-        because paho copies the whole payload once more for every property it parses (measured: 300 us of
-        the receiver's 1,500 at 1 MB, bench/transport.py)."""
+        subscriptions it is for, so every handler gets one copy. Filters that overlap nothing go untagged: a
+        delivery without properties is not parsed for them (mqtt_client.py; stock paho copied the whole payload
+        once more for every property it parsed: 300 us of the receiver's 1,500 at 1 MB, bench/transport.py)."""
         with self._lock:
             self._handlers.append((topic, raw))
             sub_id = len(self._handlers)
