@@ -25,7 +25,7 @@ import ssl
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 READ_BYTES = 256 << 10      # one read's buffer; a packet's remainder at least this large is read straight
@@ -94,20 +94,13 @@ class Client(mqtt.Client):
             at += 2
         properties = None
         if at < len(packet) and packet[at]:
-            length, shift, end = 0, 0, at             # the properties' length: a variable byte integer
-            while end < len(packet) and shift <= 21:
-                byte = packet[end]
-                length |= (byte & 127) << shift
-                end += 1
-                if byte < 128:
-                    break
-                shift += 7
             properties = Properties(PacketTypes.PUBLISH)
             try:
-                properties.unpack(bytes(packet[at:end + length]))
+                length, used = VariableByteIntegers.decode(packet[at:at + 4])
+                properties.unpack(bytes(packet[at:at + used + length]))
             except Exception:                          # paho's own decoder calls any failure malformed too
                 return MQTTErrorCode.MQTT_ERR_PROTOCOL
-            at = end + length
+            at += used + length
         else:
             at += 1
         if at > len(packet):
